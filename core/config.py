@@ -1,0 +1,360 @@
+"""Run configuration: one YAML file per run, validated by pydantic, with dotted overrides.
+
+cfg = load_config("deploy/runs/tiny-lora-cpu.yaml", overrides=["train.lr=1e-4"])
+write_resolved(cfg, run_dir)          # run_dir/run_config.yaml, read back by every later stage
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RUN_CONFIG_NAME = "run_config.yaml"
+
+# The article's practice (shared/seeds): every attention projection plus the MLP, r = 8, alpha = 2r.
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message lists every problem and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """Which base model to fine-tune and how to load it."""
+
+    name_or_path: str = "builtin:tiny-llama"
+    revision: str | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False  # off unless the user opts in: remote code runs with our privileges
+    attn_implementation: str | None = None
+
+
+class DataConfig(_Strict):
+    """Where the training data lives and how it becomes token ids."""
+
+    path: str = "examples/demo/train.jsonl"
+    format: Literal["alpaca", "completion", "text", "chat"] = "alpaca"
+    eval_path: str | None = None  # a separate held-out file; else eval_fraction of `path`
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_seq_len: PositiveInt = 512
+    mask_prompt: bool = True  # loss only on the response tokens (-100 on the prompt)
+    add_eos: bool = True
+    seed: int = 0
+    cache_dir: str | None = None  # content-addressed cache of tokenized splits; default ~/.cache/deltatune
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LoraConfig(_Strict):
+    """Low-rank adapter settings (used by method lora and qlora)."""
+
+    r: PositiveInt = 8
+    alpha: PositiveFloat | None = None  # None: 2r, the article's default (scale 2.0 at any rank)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    exclude_modules: list[str] | str | None = None
+    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)
+    rank_pattern: dict[str, PositiveInt] = Field(default_factory=dict)  # module regex/suffix -> r
+    alpha_pattern: dict[str, PositiveFloat] = Field(default_factory=dict)
+    modules_to_save: list[str] = Field(default_factory=list)  # fully trained, saved with the adapter
+    lr_ratio_b: PositiveFloat | None = None  # LoRA+ (Hayou et al. 2024): lr(B) = ratio * lr(A)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.r
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_not_empty(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and not v:
+            raise ValueError("is empty: name at least one module (e.g. ['q_proj','v_proj']) or 'all-linear'")
+        if isinstance(v, str) and v != "all-linear":
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"is not a valid regex ({e}); use a list of names or 'all-linear'") from e
+        return v
+
+
+class QuantConfig(_Strict):
+    """4-bit base quantization for QLoRA (bitsandbytes)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    blocksize: Literal[64, 128, 256] = 64
+
+
+class TrainConfig(_Strict):
+    """Optimisation, checkpointing and launch settings of the train stage."""
+
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None  # optimizer steps; overrides epochs when set
+    batch_size: PositiveInt = 8  # samples per optimizer step, all processes together
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 2e-4
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: NonNegInt | None = None
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: PositiveFloat | None = 1.0
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
+    save_every: NonNegInt = 50  # optimizer steps between step checkpoints; 0 disables them
+    keep_last: PositiveInt = 2
+    log_every: PositiveInt = 1
+    # Launch (method full always runs under DeepSpeed; lora/qlora may run in-process on one CPU/GPU).
+    num_processes: PositiveInt = 1  # per node
+    num_nodes: PositiveInt = 1
+    node_rank: NonNegInt | None = None  # None: from NODE_RANK / the launcher's environment
+    master_addr: str | None = None
+    master_port: int | None = Field(None, ge=1, le=65535)
+    hostfile: str | None = None
+    launcher: Literal["auto", "torchrun", "deepspeed", "inprocess"] = "auto"
+    zero_stage: Literal[0, 1, 2, 3] | None = None  # None: 0 for lora/qlora, 2 for full
+    deepspeed_config: str | None = None  # a JSON file; overrides zero_stage/offload
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    timeout_s: PositiveInt | None = None
+    retries: NonNegInt = 2  # Prefect retries of the train stage; each retry resumes
+    retry_delay_s: NonNegInt = 10
+
+
+class EvalConfig(_Strict):
+    """Held-out loss/perplexity and a generation metric, base vs tuned."""
+
+    enabled: bool = True
+    batch_size: PositiveInt = 16
+    max_eval_rows: PositiveInt | None = None
+    generation_rows: PositiveInt = 64  # rows whose greedy generation is scored
+    max_new_tokens: PositiveInt = 32
+    metric: Literal["exact_match"] = "exact_match"
+    compare_base: bool = True
+
+
+class MergeConfig(_Strict):
+    """Folding the adapter into the base weights: W + (alpha/r)·B·A."""
+
+    enabled: bool = True
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_logit_gap: PositiveFloat = 1e-3  # max |logits(merged) - logits(adapter-on-base)| allowed
+
+
+class PublishConfig(_Strict):
+    """Where versions land: an fsspec URI (local folder or s3://bucket/prefix)."""
+
+    enabled: bool = True
+    store: str = "./artifacts"
+    model_name: str | None = None  # default: the run name
+    version: str | None = None  # default: next free v0001, v0002, ...
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    include: list[Literal["adapter", "merged", "model"]] = Field(
+        default_factory=lambda: ["adapter", "merged"]
+    )
+
+    @field_validator("model_name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"{v!r} is not a safe name: use letters, digits, '.', '_' and '-'")
+        return v
+
+
+class RunConfig(_Strict):
+    """The whole run: one YAML file, every stage's settings."""
+
+    name: str = "run"
+    method: Literal["full", "lora", "qlora"] = "lora"
+    output_dir: str = "runs"  # the run directory is <output_dir>/<name>
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_run_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"{v!r} is not a safe run name: use letters, digits, '.', '_' and '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        problems: list[str] = []
+        t = self.train
+        if self.method == "full" and self.lora.modules_to_save:
+            problems.append("lora.modules_to_save is set but method is 'full' (every module trains already)")
+        if self.method == "qlora" and t.zero_stage == 3:
+            problems.append(
+                "train.zero_stage=3 with method 'qlora': ZeRO-3 cannot partition bitsandbytes 4-bit weights; "
+                "use zero_stage 0-2 or method 'lora'"
+            )
+        if self.method == "qlora" and t.offload_params:
+            problems.append("train.offload_params needs ZeRO-3, which method 'qlora' cannot use")
+        if t.offload_params and t.zero_stage not in (None, 3):
+            problems.append(f"train.offload_params needs train.zero_stage=3 (got {t.zero_stage})")
+        per_step = t.grad_accum * self.world_size
+        if t.batch_size % per_step != 0:
+            problems.append(
+                f"train.batch_size={t.batch_size} is not divisible by train.grad_accum ({t.grad_accum}) x "
+                f"processes ({self.world_size}) = {per_step}: batch_size counts samples per optimizer step "
+                f"over all processes; use a multiple of {per_step}"
+            )
+        if t.launcher == "inprocess" and t.num_processes * t.num_nodes > 1:
+            problems.append(
+                "train.launcher='inprocess' runs one process; set num_processes=1 or another launcher"
+            )
+        if self.publish.enabled and "merged" in self.publish.include and not self.merge.enabled:
+            if self.method != "full":
+                problems.append(
+                    "publish.include has 'merged' but merge.enabled is false; drop it or enable merge"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # --- derived values, not stored ------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def zero_stage(self) -> int:
+        if self.train.zero_stage is not None:
+            return self.train.zero_stage
+        return 2 if self.method == "full" else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.train.num_processes * self.train.num_nodes
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per forward pass on one process."""
+        return self.train.batch_size // (self.train.grad_accum * self.world_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+# ----------------------------------------------------------------------------------------------------
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid run config ({source}): {err.error_count()} problem(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against deploy/runs/*.yaml or the RunConfig docs"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (``1e-4``, ``true``, ``[q_proj, v_proj]``)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+        raise ConfigError(f"bad override {item!r}: expected dotted.key=value, e.g. train.lr=1e-4")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with every ``dotted.key=value`` override applied (validated later)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"bad override {item!r}: {part!r} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
+    """Validate a plain dict into a RunConfig, reporting every problem at once.
+
+    Raises:
+        ConfigError: listing each invalid field as ``section.key: what is wrong``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"invalid run config ({source}): expected a mapping at the top, got {type(data).__name__}"
+        )
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML (or the defaults when ``path`` is None) and apply overrides.
+
+    Args:
+        path: YAML file; None uses the built-in defaults (the demo run).
+        overrides: ``dotted.key=value`` strings, applied before validation.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or fails validation (every problem listed).
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(
+                f"run config {p} does not exist; pass a YAML file such as deploy/runs/demo.yaml"
+            )
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"run config {p} is not valid YAML: {e}") from None
+    return config_from_dict(apply_overrides(data, overrides or []), source=source)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config to ``run_dir/run_config.yaml`` atomically and return its path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / RUN_CONFIG_NAME
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(out)
+    return out
+
+
+def read_resolved(run_dir: str | Path) -> RunConfig:
+    """Read ``run_dir/run_config.yaml`` written by :func:`write_resolved`."""
+    return load_config(Path(run_dir) / RUN_CONFIG_NAME)

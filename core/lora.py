@@ -1,0 +1,313 @@
+"""LoRA adapter layers (Hu et al. 2021, arXiv:2106.09685) and their injection into a model.
+
+report = inject_lora(model, LoraConfig(r=8, target_modules="all-linear"))
+...train...; merge_and_unload(model)      # W <- W + (alpha/r)·B·A, plain nn.Linear again
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import LoraConfig
+
+log = logging.getLogger(__name__)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: y = W·x + s·B·A·x.
+
+    ``base_layer`` is an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` (itself an ``nn.Linear``
+    subclass). A is Kaiming-uniform and B is zero, so a fresh adapter leaves outputs unchanged;
+    s = alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
+    Sizes come from ``in_features``/``out_features``: ZeRO-3 shards ``weight`` to shape [0].
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got r={r}")
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.r = r
+        self.lora_alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base_layer.weight
+        if dtype is None:  # a 4-bit base stores uint8: train the adapter in fp32 then
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        factory = {"device": weight.device if weight.device.type != "meta" else None, "dtype": dtype}
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # (out, r)
+        self.merged = False
+        self.disabled = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # Same init as loralib/PEFT: A ~ Kaiming-uniform(a=sqrt(5)), B = 0, so B·A = 0 at step 0.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (..., out)
+        if self.merged or self.disabled:
+            return out
+        a_w, b_w = self.lora_A.weight, self.lora_B.weight
+        h = F.linear(self.lora_dropout(x.to(a_w.dtype)), a_w)  # (..., in) -> (..., r)
+        if out.dtype != b_w.dtype:  # mixed precision base (e.g. bf16 4-bit compute): no fusion
+            return out + (F.linear(h, b_w) * self.scaling).to(out.dtype)
+        # Fused: out += s·(h @ Bᵀ) in one GEMM, the scale applied inside addmm on the r-sized product,
+        # never on a separate (..., out) tensor. In place is safe: a linear's backward does not read
+        # its own output.
+        out2d = out.reshape(-1, self.out_features)  # (N, out), a view when contiguous
+        out2d.addmm_(h.reshape(-1, self.r), b_w.t(), alpha=self.scaling)  # (N, r) @ (r, out)
+        return out2d.view(out.shape)
+
+    # --- merge ---------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A, the update this adapter adds to W: (out, r) @ (r, in) -> (out, in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def _base_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        if not w.dtype.is_floating_point:
+            raise TypeError(
+                f"cannot merge into a quantized base weight ({type(self.base_layer).__name__}, {w.dtype}): "
+                "reload the base model in float16/bfloat16/float32, load the adapter, then merge"
+            )
+        return w
+
+    def merge(self) -> None:
+        """Fold s·B·A into the base weight. Idempotent; refuses to write non-finite weights."""
+        if self.merged:
+            return
+        w = self._base_weight()
+        new = w.data + self.delta_weight().to(w.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError("merge would produce non-finite weights; the adapter holds inf/nan, refusing")
+        w.data.copy_(new)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract s·B·A from the base weight again. Idempotent."""
+        if not self.merged:
+            return
+        w = self._base_weight()
+        new = w.data - self.delta_weight().to(w.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError("unmerge would produce non-finite weights, refusing")
+        w.data.copy_(new)
+        self.merged = False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Target selection and injection
+# ----------------------------------------------------------------------------------------------------
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
+
+
+def _matches(name: str, spec: list[str] | str) -> bool:
+    """PEFT's rule: a list matches a name exactly or as a ``.suffix``; a string is a regex fullmatch."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _pattern_value(name: str, pattern: dict[str, int] | dict[str, float]) -> int | float | None:
+    # PEFT's rank_pattern/alpha_pattern keys match a module path suffix as a regex.
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?{key}", name):
+            return value
+    return None
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def find_targets(
+    model: nn.Module, target_modules: list[str] | str, exclude_modules: list[str] | str | None = None
+) -> list[str]:
+    """Names of the linear modules that LoRA adapts.
+
+    Args:
+        model: any torch model.
+        target_modules: list (exact name or ``.suffix``), regex string (fullmatch), or ``"all-linear"``
+            (every linear layer except the output head).
+        exclude_modules: removed from the selection, with the same matching rules.
+
+    Raises:
+        ValueError: nothing matched; the message names up to 10 candidate linear modules.
+    """
+    linear = [n for n, m in model.named_modules() if _is_linear(m)]
+    if target_modules == "all-linear":
+        heads = _output_head_names(model)
+        chosen = [n for n in linear if n not in heads]
+    else:
+        chosen = [n for n in linear if _matches(n, target_modules)]
+    if exclude_modules:
+        chosen = [n for n in chosen if not _matches(n, exclude_modules)]
+    if not chosen:
+        suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))[:10]
+        raise ValueError(
+            f"lora.target_modules={target_modules!r} (exclude={exclude_modules!r}) matched no linear module. "
+            f"Linear modules in this model end in: {suffixes} (e.g. {linear[:1]}); "
+            "use one of those names, a regex, or 'all-linear'"
+        )
+    return chosen
+
+
+@dataclass
+class InjectionReport:
+    """What inject_lora changed: adapted modules, and trainable vs total parameter counts."""
+
+    targets: list[str]
+    lora_params: int  # sum of r·(d+k) over adapted d×k matrices
+    trainable: int
+    total: int
+    ranks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"LoRA on {len(self.targets)} modules: {self.trainable:,} trainable of {self.total:,} parameters "
+            f"({100 * self.trainable_share:.3f}%)"
+        )
+
+
+def param_numel(p: torch.Tensor) -> int:
+    """Logical element count: ZeRO-3 partitions (``ds_numel``) and bnb 4-bit packing are undone."""
+    if hasattr(p, "ds_numel"):
+        return int(p.ds_numel)
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        return math.prod(qs.shape)
+    return p.numel()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) logical parameter counts."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = param_numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:
+    """Wrap every targeted linear in a :class:`LoRALinear` and freeze all but the adapters.
+
+    Modules named in ``cfg.modules_to_save`` stay fully trainable (e.g. embeddings and head when
+    tokens were added). Calling it on a model that already has adapters raises.
+    """
+    if any(True for _ in lora_modules(model)):
+        raise ValueError("model already has LoRA adapters; merge_and_unload() it or reload the base model")
+    targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
+    ranks: dict[str, int] = {}
+    lora_params = 0
+    for name in targets:
+        base = model.get_submodule(name)
+        r = int(_pattern_value(name, cfg.rank_pattern) or cfg.r)
+        alpha = float(
+            _pattern_value(name, cfg.alpha_pattern) or (cfg.alpha if cfg.alpha is not None else 2 * r)
+        )
+        _set_submodule(model, name, LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora))
+        ranks[name] = r
+        lora_params += r * (base.in_features + base.out_features)  # A: r×k, B: d×r
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, m in lora_modules(model):
+        m.lora_A.weight.requires_grad_(True)
+        m.lora_B.weight.requires_grad_(True)
+    for name in modules_to_save_names(model, cfg.modules_to_save):
+        model.get_submodule(name).requires_grad_(True)
+    trainable, total = count_parameters(model)
+    report = InjectionReport(targets, lora_params, trainable, total, ranks)
+    log.info(report.summary())
+    return report
+
+
+def modules_to_save_names(model: nn.Module, names: list[str]) -> list[str]:
+    """Resolve ``modules_to_save`` entries (exact or ``.suffix``) to module paths; unknown names raise."""
+    if not names:
+        return []
+    found = [n for n, _ in model.named_modules() if n and _matches(n, names)]
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
+    if missing:
+        raise ValueError(f"lora.modules_to_save names {missing} match no module in the model")
+    return found
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield name, m
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain base layers back; returns the same model object."""
+    for name, m in list(lora_modules(model)):
+        m.merge()
+        _set_submodule(model, name, m.base_layer)
+    return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone (adapters bypassed, nothing merged or copied)."""
+    mods = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in mods):
+        raise RuntimeError("adapters are merged into the weights; unmerge_adapters(model) before disabling")
+    prev = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, p in zip(mods, prev, strict=True):
+            m.disabled = p
