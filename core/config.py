@@ -6,6 +6,7 @@ write_resolved(cfg, run_dir)          # run_dir/run_config.yaml, read back by ev
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +22,11 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def cache_root() -> Path:
+    """Root of deltatune's caches (built models, tokenized data): ``$DELTATUNE_CACHE`` or ~/.cache/deltatune."""
+    return Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune").expanduser()
 
 
 class ConfigError(ValueError):

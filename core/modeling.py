@@ -1,0 +1,113 @@
+"""Load base models and tokenizers (hub id, local dir, s3:// URI, or ``builtin:tiny-llama``) safely.
+
+Weights load through safetensors only; ``trust_remote_code`` stays off unless the config opts in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.config import ModelConfig, QuantConfig, cache_root
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_source(name_or_path: str, *, storage_options: dict | None = None) -> str:
+    """Map ``builtin:*`` to the built tiny model and ``s3://``/fsspec URIs to a local cached copy.
+
+    Hub ids and local paths come back unchanged: ``from_pretrained`` handles them.
+    """
+    from core.tiny import resolve_model_path
+
+    if "://" in name_or_path and not name_or_path.startswith("file://"):
+        return str(_fetch_remote_dir(name_or_path, storage_options or {}))
+    return resolve_model_path(name_or_path.removeprefix("file://"))
+
+
+def _fetch_remote_dir(uri: str, storage_options: dict) -> Path:
+    """Copy a model directory from an fsspec URI into the cache once (keyed by URI)."""
+    import fsspec
+
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    dest = cache_root() / "remote-models" / key
+    if (dest / ".complete").exists():
+        return dest
+    fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+    (tmp / ".complete").write_text(uri)
+    if dest.exists():  # another process won the race; keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return dest
+
+
+def load_tokenizer(cfg: ModelConfig, source: str | None = None):
+    """The tokenizer of ``cfg`` (or ``cfg.tokenizer``); a pad token is set to EOS when missing."""
+    from transformers import AutoTokenizer
+
+    src = source or resolve_source(cfg.tokenizer or cfg.name_or_path)
+    tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    cfg: ModelConfig,
+    *,
+    source: str | None = None,
+    quant: QuantConfig | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Load a causal LM from safetensors; with ``quant`` the linear layers become 4-bit (QLoRA).
+
+    Args:
+        cfg: the model section of the run config.
+        source: an already resolved local path (default: resolve ``cfg.name_or_path``).
+        quant: quantize every linear layer except the output head with bitsandbytes.
+        dtype: overrides ``cfg.dtype``.
+        device: where to put the model (default: stay on CPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    src = source or resolve_source(cfg.name_or_path)
+    torch_dtype = dtype or DTYPES[cfg.dtype]
+    kwargs = {}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        src,
+        revision=cfg.revision,
+        dtype=torch_dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+        **kwargs,
+    )
+    if quant is not None:
+        from core.quant import quantize_model
+
+        quantize_model(model, quant, device=device)
+    elif device is not None:
+        model.to(device)
+    return model
+
+
+def pick_device(local_rank: int | None = None) -> torch.device:
+    """CUDA device of this rank when there is a GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank or 0)
+    return torch.device("cpu")
