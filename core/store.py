@@ -68,6 +68,10 @@ class IntegrityError(StoreError):
 class PublishError(StoreError):
     """A publish stopped part-way; the version stays invisible and the same call resumes it."""
 
+    def __init__(self, message: str, *, version: str | None = None):
+        super().__init__(message)
+        self.version = version  # pass it back as ``version=`` to resume
+
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -461,7 +465,8 @@ def publish(
         raise PublishError(
             f"publish of {model}/{version} to {store.uri} stopped after {len(uploaded)} new files "
             f"({type(exc).__name__}: {exc}); the version is not visible. Re-run publish with "
-            f"version={version!r} to resume."
+            f"version={version!r} to resume.",
+            version=version,
         ) from exc
 
     manifest = {

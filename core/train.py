@@ -32,6 +32,7 @@ from core import checkpoint as ckpt
 from core.adapter import adapter_params, save_adapter
 from core.config import RunConfig, read_resolved
 from core.data import collate, load_split
+from core.launch import ERROR_FILE, set_pdeathsig
 from core.lora import count_parameters, inject_lora
 from core.modeling import load_model, load_tokenizer, pick_device, resolve_source
 
@@ -602,12 +603,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     env = DistEnv.from_environ()
+    if env.world_size > 1:
+        set_pdeathsig()  # a rank dies with its launcher: no orphan ranks
     logging.basicConfig(
         level=logging.INFO if env.is_main else logging.WARNING,
         format=f"%(asctime)s [rank{env.rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
-    train(read_resolved(args.run_dir), args.run_dir, args.train_data)
+    try:
+        train(read_resolved(args.run_dir), args.run_dir, args.train_data)
+    except Exception as e:
+        if env.is_main:  # the supervisor reads this to decide whether a retry can help
+            retryable = not isinstance(e, (ValueError, FloatingPointError, FileNotFoundError))
+            err = {"type": type(e).__name__, "message": str(e), "retryable": retryable}
+            (Path(args.run_dir) / ERROR_FILE).write_text(json.dumps(err))
+        raise
     return 0
 
 

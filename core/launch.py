@@ -1,0 +1,268 @@
+"""Launch the train stage: pre-flight checks, the launcher argv (no shell), and a supervised subprocess.
+
+    argv = build_command(cfg, run_dir, train_data)   # python -m torch.distributed.run ... -m core.train ...
+    run_training(cfg, run_dir, train_data, on_line=print)
+
+The launcher runs in its own process group and is killed as a group on timeout, cancellation or
+error; ranks also die with their parent (PR_SET_PDEATHSIG), so no rank outlives its supervisor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from core import checkpoint as ckpt
+from core.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+ERROR_FILE = "train_error.json"
+_PR_SET_PDEATHSIG = 1
+
+
+class PreflightError(ValueError):
+    """The run cannot start as configured; nothing was launched. Retrying will not help."""
+
+
+class TrainingFailed(RuntimeError):
+    """The training process exited non-zero."""
+
+    def __init__(self, message: str, *, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def resolve_launcher(cfg: RunConfig) -> str:
+    """``auto``: one LoRA/QLoRA process runs as a plain subprocess; anything else under torchrun."""
+    if cfg.train.launcher != "auto":
+        return cfg.train.launcher
+    return "python" if cfg.world_size == 1 and cfg.method != "full" else "torchrun"
+
+
+def device_count() -> tuple[str, int]:
+    """('cuda', GPUs) on a GPU box, else ('cpu', cores): one rank per device at most."""
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.device_count()
+    return "cpu", os.cpu_count() or 1
+
+
+def preflight(cfg: RunConfig, run_dir: str | Path) -> None:
+    """Every check that can fail before launch, reported together.
+
+    Raises:
+        PreflightError: unsupported combination, missing DeepSpeed config, more processes per node
+            than devices, bitsandbytes missing for QLoRA, or a checkpoint from another configuration.
+    """
+    problems: list[str] = []
+    t = cfg.train
+    if t.deepspeed_config and not Path(t.deepspeed_config).is_file():
+        problems.append(f"train.deepspeed_config={t.deepspeed_config} does not exist (see deploy/deepspeed/)")
+    if t.deepspeed_config and Path(t.deepspeed_config).is_file():
+        ds = json.loads(Path(t.deepspeed_config).read_text())
+        if cfg.method == "qlora" and ds.get("zero_optimization", {}).get("stage") == 3:
+            problems.append(
+                f"{t.deepspeed_config} uses ZeRO-3, which cannot shard 4-bit weights; use stage 0-2"
+            )
+    kind, n = device_count()
+    if t.num_processes > n:
+        problems.append(
+            f"train.num_processes={t.num_processes} but this node has {n} {kind} device(s); "
+            f"use at most {n} processes per node"
+        )
+    if cfg.method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            problems.append("method 'qlora' needs bitsandbytes: pip install bitsandbytes")
+    if resolve_launcher(cfg) == "inprocess" and cfg.method == "full":
+        problems.append(
+            "train.launcher='inprocess' cannot run method 'full' (DeepSpeed); use auto or torchrun"
+        )
+    try:
+        ckpt.latest_complete(Path(run_dir) / "checkpoints", ckpt.training_fingerprint(cfg))
+    except ckpt.CheckpointMismatchError as e:
+        problems.append(str(e))
+    if problems:
+        raise PreflightError("cannot start training:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def build_command(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> list[str]:
+    """The launcher argv for this node. Multi-node fields come from the config or the environment
+    (``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) as a cluster scheduler sets them."""
+    t = cfg.train
+    script = ["-m", "core.train", "--run-dir", str(run_dir), "--train-data", str(train_data)]
+    launcher = resolve_launcher(cfg)
+    if launcher in ("python", "inprocess"):
+        return [sys.executable, *script]
+    node_rank = t.node_rank if t.node_rank is not None else int(os.environ.get("NODE_RANK", 0))
+    addr = t.master_addr or os.environ.get("MASTER_ADDR")
+    port = t.master_port or int(os.environ.get("MASTER_PORT", 29500))
+    if launcher == "deepspeed":
+        argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(t.num_processes)]
+        if t.hostfile:
+            argv += ["--hostfile", t.hostfile]
+        if t.num_nodes > 1:
+            if not addr:
+                raise PreflightError(
+                    "multi-node needs train.master_addr or MASTER_ADDR (the rank-0 node's address)"
+                )
+            argv += ["--num_nodes", str(t.num_nodes), "--master_addr", addr, "--master_port", str(port)]
+            if not t.hostfile:  # each node started by the scheduler, no ssh fan-out
+                argv += ["--no_ssh", "--node_rank", str(node_rank)]
+        else:
+            argv += ["--master_port", str(port)] if t.master_port else []
+        return [*argv, "--module", "core.train", *script[2:]]
+    # torchrun
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(t.num_processes)]
+    if t.num_nodes == 1:
+        argv += ["--standalone"]
+    else:
+        if not addr:
+            raise PreflightError(
+                "multi-node needs train.master_addr or MASTER_ADDR (the rank-0 node's address)"
+            )
+        argv += [
+            "--nnodes",
+            str(t.num_nodes),
+            "--node_rank",
+            str(node_rank),
+            "--master_addr",
+            addr,
+            "--master_port",
+            str(port),
+        ]
+    return [*argv, *script]
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies (Linux; no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except OSError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after ``grace_s``."""
+    pgid = proc.pid  # start_new_session: the leader's pid is the group id
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        proc.poll()  # reap the leader so a zombie does not count as alive
+        if not _group_alive(pgid):
+            return
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            proc.poll()
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def run_supervised(
+    argv: list[str],
+    *,
+    on_line: Callable[[str], None],
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout_s: float | None = None,
+    tail: int = 40,
+) -> tuple[int, list[str]]:
+    """Run ``argv`` in its own process group, streaming each output line to ``on_line``.
+
+    Returns (exit code, last ``tail`` lines). Any exception here (timeout, KeyboardInterrupt, a
+    cancelled task) kills the whole group before it propagates.
+    """
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=set_pdeathsig,
+    )
+    last: deque[str] = deque(maxlen=tail)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            last.append(line)
+            on_line(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while proc.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"training exceeded train.timeout_s={timeout_s:g}s; killed its process group"
+                )
+            time.sleep(0.2)
+    except BaseException:
+        kill_group(proc)
+        raise
+    finally:
+        reader.join(timeout=5)
+    kill_group(proc, grace_s=0)  # the leader exited: reap any straggler of its group
+    return proc.returncode, list(last)
+
+
+def run_training(
+    cfg: RunConfig, run_dir: str | Path, train_data: str | Path, *, on_line: Callable[[str], None] = print
+) -> dict:
+    """Pre-flight, launch, supervise; return ``train_summary.json`` as a dict.
+
+    Raises:
+        PreflightError: nothing was launched (not retryable).
+        TrainingFailed: the process failed; ``retryable`` says whether a retry (which resumes) may help.
+    """
+    run_dir = Path(run_dir)
+    preflight(cfg, run_dir)
+    if resolve_launcher(cfg) == "inprocess":
+        from core.train import train
+
+        return train(cfg, run_dir, train_data).summary
+    argv = build_command(cfg, run_dir, train_data)
+    log.info("launching: %s", " ".join(argv))
+    err_file = run_dir / ERROR_FILE
+    err_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    rc, tail = run_supervised(argv, on_line=on_line, env=env, timeout_s=cfg.train.timeout_s)
+    if rc != 0:
+        info = json.loads(err_file.read_text()) if err_file.is_file() else {}
+        detail = f"{info['type']}: {info['message']}" if info else "\n".join(tail[-15:])
+        raise TrainingFailed(
+            f"training exited with code {rc}: {detail}", retryable=info.get("retryable", True)
+        )
+    return json.loads((run_dir / "train_summary.json").read_text())

@@ -1,0 +1,88 @@
+"""The ``deltatune`` command line.
+
+deltatune run [CONFIG] [--set key=value ...]     # the finetune flow on Prefect's ephemeral API
+deltatune make-tiny-model OUT_DIR                # the offline tiny Llama + tokenizer
+deltatune show-config [CONFIG] [--set ...]       # the resolved config as YAML
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import tasks  # noqa: F401  (Prefect defaults before prefect is imported)
+from core.config import ConfigError, load_config, to_yaml
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "runs" / "demo.yaml"
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config", nargs="?", help=f"run config YAML (default: {DEMO_CONFIG.name}, the bundled demo)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="deltatune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _config_arg(sub.add_parser("run", help="run the finetune flow"))
+    _config_arg(sub.add_parser("show-config", help="print the resolved run config"))
+    tiny = sub.add_parser("make-tiny-model", help="build the offline tiny Llama model and tokenizer")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--pretrain-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.cmd == "make-tiny-model":
+        from core.tiny import make_tiny_model
+
+        kwargs = {} if args.pretrain_steps is None else {"pretrain_steps": args.pretrain_steps}
+        print(make_tiny_model(args.out_dir, **kwargs))
+        return 0
+    config = args.config or str(DEMO_CONFIG)
+    try:
+        cfg = load_config(config, args.overrides)
+    except ConfigError as e:
+        print(f"deltatune: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "show-config":
+        print(to_yaml(cfg), end="")
+        return 0
+    from flows.finetune import finetune
+
+    result = finetune(config=config, overrides=args.overrides)
+    print(json.dumps(_brief(result), indent=2))
+    return 0
+
+
+def _brief(result: dict) -> dict:
+    out = {
+        "run_dir": result["run_dir"],
+        "train": {k: result["train"][k] for k in ("steps", "final_loss", "wall_time_s")},
+    }
+    if "eval" in result:
+        out["exact_match"] = {
+            s: result["eval"][s]["exact_match"] for s in ("base", "tuned") if s in result["eval"]
+        }
+    if "merge" in result:
+        out["merge_max_logit_gap"] = result["merge"]["max_logit_gap"]
+    if "publish" in result:
+        out["published"] = result["publish"]["uri"]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

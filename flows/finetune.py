@@ -1,0 +1,75 @@
+"""The finetune pipeline: prepare -> train -> evaluate -> merge -> publish, one Prefect task each.
+
+deltatune run deploy/runs/demo.yaml --set train.lr=1e-3
+prefect deploy --prefect-file deploy/prefect.yaml     # entrypoint flows/finetune.py:finetune
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from core.config import RUN_CONFIG_NAME, load_config, write_resolved
+from tasks.evaluate import evaluate
+from tasks.merge import merge
+from tasks.prepare import prepare
+from tasks.publish import publish
+from tasks.train import train
+
+
+@flow(name="finetune")
+def finetune(config: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Fine-tune per the run config (a YAML path; none = the bundled demo) with dotted overrides.
+
+    Returns paths and small summaries of every stage, including the published version's URI.
+    """
+    cfg = load_config(config, overrides)
+    run_dir = str(cfg.run_dir.resolve())
+    write_resolved(cfg, run_dir)
+    logger = get_run_logger()
+    logger.info("run %s (%s) in %s", cfg.name, cfg.method, run_dir)
+
+    data = prepare(run_dir)
+    trained = train.with_options(retries=cfg.train.retries, retry_delay_seconds=cfg.train.retry_delay_s)(
+        run_dir, data["train_dir"]
+    )
+    out: dict = {"run_dir": run_dir, "data": data, "train": trained}
+    if cfg.eval.enabled and data["eval_dir"]:
+        out["eval"] = evaluate(run_dir, data["eval_dir"], trained["output_dir"])
+    if cfg.method != "full" and cfg.merge.enabled:
+        out["merge"] = merge(run_dir, trained["output_dir"], data["eval_dir"])
+    if cfg.publish.enabled:
+        out["publish"] = publish(run_dir, _sources(cfg, run_dir, out), _metadata(cfg, out))
+    return out
+
+
+def _sources(cfg, run_dir: str, out: dict) -> dict[str, str]:
+    run = Path(run_dir)
+    sources = {RUN_CONFIG_NAME: run / RUN_CONFIG_NAME}
+    for name in ("eval.json", "train_summary.json", "merge_report.json", "data/prepare_report.json"):
+        if (run / name).is_file():
+            sources[Path(name).name] = run / name
+    trained = Path(out["train"]["output_dir"])
+    if "adapter" in cfg.publish.include and cfg.method != "full":
+        sources["adapter"] = trained
+    if "merged" in cfg.publish.include and "merge" in out:
+        sources["merged"] = Path(out["merge"]["merged_dir"])
+    if cfg.method == "full" and {"model", "merged"} & set(cfg.publish.include):
+        sources["model"] = trained
+    return {k: str(v) for k, v in sources.items()}
+
+
+def _metadata(cfg, out: dict) -> dict:
+    meta: dict = {"run": cfg.name, "method": cfg.method, "base_model": cfg.model.name_or_path}
+    t = out["train"]
+    meta["train"] = {k: t[k] for k in ("steps", "final_loss", "trainable_share", "wall_time_s") if k in t}
+    if "eval" in out:
+        meta["eval"] = {
+            side: {k: out["eval"][side][k] for k in ("loss", "perplexity", "exact_match")}
+            for side in ("base", "tuned")
+            if side in out["eval"]
+        }
+    if "merge" in out:
+        meta["merge"] = {k: out["merge"].get(k) for k in ("max_logit_gap", "loss_gap")}
+    return meta
