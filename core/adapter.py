@@ -80,6 +80,16 @@ def check_adapter_tensors(
         raise AdapterError("every lora_B is all zero: the adapter never trained (no optimizer step applied?)")
 
 
+def _alpha_pattern(cfg: LoraConfig) -> dict[str, float]:
+    # With alpha unset, inject_lora gives a rank_pattern module alpha = 2·(its r), but PEFT (and
+    # lora_config_from_peft) would use lora_alpha = 2·cfg.r there: spell those alphas out.
+    out = dict(cfg.alpha_pattern)
+    if cfg.alpha is None:
+        for key, r in cfg.rank_pattern.items():
+            out.setdefault(key, 2.0 * r)
+    return out
+
+
 def peft_config_dict(cfg: LoraConfig, base_model: str, targets: list[str]) -> dict[str, Any]:
     """adapter_config.json in the schema PEFT writes and reads."""
     return {
@@ -94,7 +104,7 @@ def peft_config_dict(cfg: LoraConfig, base_model: str, targets: list[str]) -> di
         "exclude_modules": None,
         "use_rslora": cfg.use_rslora,
         "rank_pattern": dict(cfg.rank_pattern),
-        "alpha_pattern": dict(cfg.alpha_pattern),
+        "alpha_pattern": _alpha_pattern(cfg),
         "modules_to_save": list(cfg.modules_to_save) or None,
         "bias": "none",
         "fan_in_fan_out": False,

@@ -140,7 +140,7 @@ def _matches(name: str, spec: list[str] | str) -> bool:
 def _pattern_value(name: str, pattern: dict[str, int] | dict[str, float]) -> int | float | None:
     # PEFT's rank_pattern/alpha_pattern keys match a module path suffix as a regex.
     for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", name):
+        if re.fullmatch(rf"(.*\.)?(?:{key})", name):  # grouped like PEFT: "q_proj|v_proj" works
             return value
     return None
 
