@@ -430,9 +430,14 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
     resume = ckpt.latest_complete(ckpt_root, fingerprint)  # raises on a config mismatch
 
     use_ds = cfg.method == "full" or env.world_size > 1
-    if use_ds and "MASTER_ADDR" not in os.environ:  # one DeepSpeed process without a launcher
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if use_ds:
+        if "MASTER_ADDR" not in os.environ:  # one DeepSpeed process without a launcher
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        import deepspeed
+
+        # Before anything reads the world size (HfDeepSpeedConfig validates batch sizes against it).
+        deepspeed.init_distributed()
     if env.world_size != cfg.world_size:
         raise RuntimeError(
             f"launched with WORLD_SIZE={env.world_size} but the config asks for {cfg.world_size} processes "
