@@ -19,6 +19,7 @@ import resource
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -608,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     env = DistEnv.from_environ()
+    # DeepSpeed 0.19 calls this deprecated collective every step; one warning per step drowns the log.
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+    )
     if env.world_size > 1:
         set_pdeathsig()  # a rank dies with its launcher: no orphan ranks
     logging.basicConfig(

@@ -1,6 +1,6 @@
 """Real S3 over HTTP on loopback for tests: one moto server per session, a fresh bucket per test.
 
-Use: ``from tests.s3_fixtures import moto_s3  # noqa: F401`` then take ``moto_s3`` as a fixture argument.
+tests/conftest.py registers the fixtures; take ``moto_s3`` as a fixture argument.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from core.data import (
     load_split,
     prepare_dataset,
 )
-from tests.s3_fixtures import DUMMY_SECRET, moto_s3, moto_server  # noqa: F401
+from tests.s3_fixtures import DUMMY_SECRET
 
 CORPUS = [
     "### Instruction:\nSay hello to the world.\n\n### Input:\nplease\n\n### Response:\nHello world!",

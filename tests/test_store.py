@@ -14,7 +14,7 @@ import pytest
 from fsspec.core import url_to_fs
 
 from core import store
-from tests.s3_fixtures import DUMMY_KEY, DUMMY_SECRET, moto_s3, moto_server  # noqa: F401
+from tests.s3_fixtures import DUMMY_KEY, DUMMY_SECRET
 
 
 class Store(NamedTuple):
