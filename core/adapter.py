@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.config import LoraConfig
+from core.fsutil import writing_dir
 from core.lora import inject_lora, lora_modules, modules_to_save_names
 
 log = logging.getLogger(__name__)
@@ -158,17 +156,9 @@ def save_adapter(
     sd = state_dict if state_dict is not None else adapter_state_dict(model, cfg.modules_to_save)
     expected = [f"{PREFIX}{n}.lora_{ab}.weight" for n in targets for ab in "AB"]
     check_adapter_tensors(sd, expected, require_trained=require_trained)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with writing_dir(out_dir) as tmp:
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config_dict(cfg, base_model, targets), indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved adapter: %d tensors to %s", len(sd), out_dir)
     return out_dir
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from core.adapter import load_adapter
 from core.config import RunConfig
 from core.data import collate, load_split
 from core.evaluate import heldout_loss
+from core.fsutil import writing_dir
 from core.lora import merge_and_unload
 from core.modeling import DTYPES, load_model, load_tokenizer, resolve_source
 
@@ -37,6 +37,34 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return out.float() * batch["attention_mask"][..., None]  # padded positions compare as 0
 
 
+def _gap(merged_dir, batch, ref, rows, ref_loss, cfg: RunConfig, pad_id: int) -> dict[str, Any]:
+    """Reload the saved merged model with nothing of ours involved (what a user of it gets) and
+    compare its logits and loss with the adapter-on-base model's."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        merged_dir, dtype=DTYPES[cfg.merge.dtype], use_safetensors=True
+    )
+    reloaded.eval()
+    diff = (_logits(reloaded, batch) - ref).abs()  # (B, T, V), zero at padding
+    merged_loss = heldout_loss(reloaded, rows, pad_id, GAP_ROWS)["loss"]
+    gap = {
+        "max_logit_gap": float(diff.max()),
+        "mean_logit_gap": float(diff.sum() / (batch["attention_mask"].sum() * diff.size(-1))),
+        "loss_adapter": ref_loss,
+        "loss_merged": merged_loss,
+        "loss_gap": merged_loss - ref_loss,
+    }
+    if gap["max_logit_gap"] > cfg.merge.max_logit_gap:
+        raise MergeGapError(
+            f"merged model differs from adapter-on-base by {gap['max_logit_gap']:.3g} in logits "
+            f"(allowed {cfg.merge.max_logit_gap:g}; loss {ref_loss:.4f} -> {merged_loss:.4f}). "
+            "A low-precision merge.dtype or non-finite adapter weights cause this; merge in float32 "
+            "or raise merge.max_logit_gap if the loss gap is acceptable"
+        )
+    return gap
+
+
 def merge(
     cfg: RunConfig, run_dir: str | Path, adapter_dir: str | Path, eval_data: str | Path | None
 ) -> dict[str, Any]:
@@ -48,8 +76,6 @@ def merge(
     Raises:
         MergeGapError: max |logits(merged) - logits(adapter-on-base)| exceeds ``merge.max_logit_gap``.
     """
-    from transformers import AutoModelForCausalLM
-
     run_dir = Path(run_dir)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(
@@ -64,41 +90,16 @@ def merge(
 
     merge_and_unload(model)
     out = run_dir / "merged"
-    tmp = run_dir / ".merged.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-
     report: dict[str, Any] = {
         "dtype": cfg.merge.dtype,
         "gap_rows": len(rows),
         "max_logit_gap_allowed": cfg.merge.max_logit_gap,
     }
-    if batch is not None:
-        # Reload from disk with nothing of ours involved: this is what a user of the merged model gets.
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=DTYPES[cfg.merge.dtype], use_safetensors=True
-        )
-        reloaded.eval()
-        diff = (_logits(reloaded, batch) - ref).abs()
-        merged_loss = heldout_loss(reloaded, rows, tokenizer.pad_token_id, GAP_ROWS)["loss"]
-        report.update(
-            max_logit_gap=float(diff.max()),
-            mean_logit_gap=float(diff.sum() / (batch["attention_mask"].sum() * diff.size(-1))),
-            loss_adapter=ref_loss,
-            loss_merged=merged_loss,
-            loss_gap=merged_loss - ref_loss,
-        )
-        if report["max_logit_gap"] > cfg.merge.max_logit_gap:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise MergeGapError(
-                f"merged model differs from adapter-on-base by {report['max_logit_gap']:.3g} in logits "
-                f"(allowed {cfg.merge.max_logit_gap:g}; loss {ref_loss:.4f} -> {merged_loss:.4f}). "
-                "A low-precision merge.dtype or non-finite adapter weights cause this; merge in float32 "
-                "or raise merge.max_logit_gap if the loss gap is acceptable"
-            )
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    with writing_dir(out) as tmp:  # a merge that fails its gap check never replaces a good one
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if batch is not None:
+            report.update(_gap(tmp, batch, ref, rows, ref_loss, cfg, tokenizer.pad_token_id))
     report["merged_dir"] = str(out)
     (run_dir / MERGE_REPORT).write_text(json.dumps(report, indent=2))
     log.info("merged into %s: max logit gap %s", out, report.get("max_logit_gap"))

@@ -33,6 +33,7 @@ from core import checkpoint as ckpt
 from core.adapter import adapter_params, save_adapter
 from core.config import RunConfig, read_resolved
 from core.data import collate, load_split
+from core.fsutil import writing_dir
 from core.launch import ERROR_FILE, set_pdeathsig
 from core.lora import count_parameters, inject_lora
 from core.modeling import load_model, load_tokenizer, pick_device, resolve_source
@@ -389,14 +390,9 @@ def _save_final(backend: _Backend, cfg: RunConfig, run_dir: Path, source: str, t
         out = run_dir / "model"
         sd = backend.engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # collective
         if env.is_main:
-            tmp = run_dir / ".model.tmp"
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, state_dict=sd if zero3 else None, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.replace(out)
+            with writing_dir(out) as tmp:
+                model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
         return out
     out = run_dir / "adapter"
     params = adapter_params(model, cfg.lora.modules_to_save)
