@@ -209,30 +209,39 @@ def run_supervised(
         preexec_fn=set_pdeathsig,
     )
     last: deque[str] = deque(maxlen=tail)
+    failed: list[BaseException] = []  # an exception from on_line, raised in the supervising thread
 
     def pump() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            last.append(line)
-            on_line(line)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                last.append(line)
+                on_line(line)
+        except BaseException as e:
+            failed.append(e)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while proc.poll() is None:
+            if failed:
+                raise failed[0]
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(
                     f"training exceeded train.timeout_s={timeout_s:g}s; killed its process group"
                 )
             time.sleep(0.2)
+        kill_group(proc, grace_s=0)  # the leader exited: no straggler may hold the pipe open
+        reader.join(timeout=30)  # every buffered line reaches on_line before we return
+        if failed:
+            raise failed[0]
     except BaseException:
         kill_group(proc)
         raise
     finally:
         reader.join(timeout=5)
-    kill_group(proc, grace_s=0)  # the leader exited: reap any straggler of its group
     return proc.returncode, list(last)
 
 

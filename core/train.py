@@ -11,11 +11,13 @@ plain torch loop. Never imports prefect: progress is reported through files in t
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import math
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -25,6 +27,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# ruff: noqa: E402  (a rank arms its death signal before the heavy imports below)
+if __name__ == "__main__" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and sys.platform == "linux":
+    # Die with the launcher from the first moment, not only from main(): importing torch and
+    # transformers takes seconds, and a launcher killed meanwhile left its ranks running under init
+    # (tests/test_distributed.py::test_launcher_killed_during_startup_leaves_no_rank).
+    _launcher_pid = os.getppid()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != _launcher_pid:  # it died before the signal was armed
+        os._exit(1)
 
 import torch
 from torch import nn
@@ -493,6 +505,7 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         for step in range(start, total):
             t0 = time.perf_counter()
             loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro losses, local tokens)
+            step_lr = backend.lr()  # the lr this step's update uses (the scheduler steps inside it)
             for idx in micro_batches(step, num_rows, cfg, env):
                 batch = collate([rows[i] for i in idx], pad_id)
                 if not use_ds:
@@ -511,7 +524,7 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
                 rec = {
                     "step": done,
                     "loss": round(last_loss, 6),
-                    "lr": backend.lr(),
+                    "lr": step_lr,
                     "grad_norm": None if grad_norm is None else round(grad_norm, 6),
                     "tokens": int(stats[1]),
                     "tokens_per_s": round(int(stats[1]) / dt, 1),

@@ -1,0 +1,394 @@
+"""The train stage in one process: learning, metrics, lr schedule, data order, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core import checkpoint as ckpt
+from core.config import write_resolved
+from core.launch import PreflightError, preflight
+from core.train import METRICS, SUMMARY, DistEnv, lr_factor, micro_batches, param_groups, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+_WORDS = ["red", "blue", "cat", "dog", "lake", "star", "book", "frog", "door", "tree", "pink", "bird"]
+
+
+@pytest.fixture
+def tiny_jsonl(tmp_path: Path) -> Path:
+    """16 alpaca rows (word reversal), independent of the demo data: 2 steps per epoch at batch 8."""
+    path = tmp_path / "tiny.jsonl"
+    rows = []
+    for i in range(16):
+        words = [_WORDS[(i * 5 + k * 7) % len(_WORDS)] for k in range(3)]
+        rows.append(
+            {"instruction": "Reverse the words.", "input": " ".join(words), "output": " ".join(words[::-1])}
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _prepare(cfg) -> Path:
+    from core.data import prepare_dataset
+    from core.modeling import load_tokenizer
+
+    write_resolved(cfg, cfg.run_dir)
+    return prepare_dataset(cfg.data, load_tokenizer(cfg.model), cfg.run_dir / "data").train_dir
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / METRICS).read_text().splitlines()]
+
+
+def _mean_loss(cfg, model, train_dir: Path) -> float:
+    """Mean loss of ``model`` over every row of the split, one fixed batch: no data-order noise."""
+    from core.data import collate, load_split
+    from core.modeling import load_tokenizer
+
+    rows = list(load_split(train_dir))
+    batch = collate(rows, load_tokenizer(cfg.model).pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One LoRA process end to end
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_lora_learns_logs_every_step_and_saves_a_loadable_adapter(run_config, tiny_jsonl):
+    from core.adapter import load_adapter
+    from core.modeling import load_model
+
+    cfg = run_config(f"data.path={tiny_jsonl}", "data.eval_fraction=0", "train.lr=3e-3", "train.max_steps=12")
+    train_dir = _prepare(cfg)
+    result = train(cfg, cfg.run_dir, train_dir)
+
+    m = _metrics(cfg.run_dir)
+    assert [r["step"] for r in m] == list(range(1, 13))
+    for r in m:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"} <= r.keys()
+        assert (
+            math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
+        )
+    # the lr logged for a step is the one that step's update used
+    for r in m:
+        assert r["lr"] == pytest.approx(3e-3 * lr_factor(r["step"] - 1, 12, cfg), rel=1e-9)
+    losses = [r["loss"] for r in m]
+    # measured here: first-3 mean - last-3 mean = 0.085-0.10 (16 rows seen 6 times); about half as margin
+    assert sum(losses[:3]) / 3 - sum(losses[-3:]) / 3 > 0.04, losses
+
+    s = result.summary
+    assert json.loads((cfg.run_dir / SUMMARY).read_text()) == s
+    assert s["method"] == "lora" and s["steps"] == 12 and s["resumed_from_step"] is None
+    assert s["final_loss"] == pytest.approx(losses[-1], abs=1e-6)
+    assert s["tokens"] == sum(r["tokens"] for r in m) > 0
+    assert 0 < s["trainable_params"] < s["total_params"]
+    assert s["trainable_share"] == pytest.approx(s["trainable_params"] / s["total_params"])
+    assert s["world_size"] == 1 and s["zero_stage"] is None and s["precision"] == "fp32"
+    assert s["fingerprint"] == ckpt.training_fingerprint(cfg)
+    assert Path(s["output_dir"]) == result.output_dir == cfg.run_dir / "adapter"
+
+    base = load_model(cfg.model)
+    base_loss = _mean_loss(cfg, base, train_dir)
+    tuned = load_model(cfg.model)
+    load_adapter(tuned, result.output_dir)
+    saved = load_file(str(next(result.output_dir.glob("*.safetensors"))))
+    b_names = [n for n, _ in tuned.named_parameters() if "lora_B" in n]
+    assert b_names and all(tuned.get_parameter(n).abs().sum() > 0 for n in b_names)
+    assert sum("lora_B" in k for k in saved) == len(b_names)
+    tuned_loss = _mean_loss(cfg, tuned, train_dir)
+    # measured: base 4.575 -> tuned 4.474 (0.10-0.125 lower) on these 16 rows; half as margin
+    assert tuned_loss < base_loss - 0.05, (base_loss, tuned_loss)
+
+
+def test_finished_run_returns_at_once(run_config):
+    cfg = run_config("train.max_steps=4")
+    train_dir = _prepare(cfg)
+    first = train(cfg, cfg.run_dir, train_dir)
+    metrics = (cfg.run_dir / METRICS).read_text()
+    summary = (cfg.run_dir / SUMMARY).read_text()
+    adapter_mtime = (cfg.run_dir / "adapter").stat().st_mtime_ns
+    again = train(cfg, cfg.run_dir, train_dir)
+    assert again.summary == first.summary and again.output_dir == first.output_dir
+    assert (cfg.run_dir / METRICS).read_text() == metrics  # nothing appended
+    assert (cfg.run_dir / SUMMARY).read_text() == summary
+    assert (cfg.run_dir / "adapter").stat().st_mtime_ns == adapter_mtime
+
+
+def test_non_finite_loss_stops_with_a_clear_error(run_config):
+    cfg = run_config("train.lr=1e30", "train.max_steps=4")  # lr=1e6 only saturates; 1e30 overflows
+    train_dir = _prepare(cfg)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2; lower train.lr"):
+        train(cfg, cfg.run_dir, train_dir)
+    assert not (cfg.run_dir / SUMMARY).exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Learning-rate schedule and optimizer groups
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_lr_factor_warmup_then_decay_by_hand(run_config):
+    cos = run_config("train.warmup_steps=2", "train.min_lr_ratio=0.1", "train.lr_scheduler=cosine")
+    lin = run_config("train.warmup_steps=2", "train.min_lr_ratio=0.1", "train.lr_scheduler=linear")
+    const = run_config("train.warmup_steps=2", "train.lr_scheduler=constant")
+    # warmup: (step+1)/(warmup+1); then progress p = (step-2)/8 over the remaining 8 steps
+    for c in (cos, lin, const):
+        assert lr_factor(0, 10, c) == pytest.approx(1 / 3)
+        assert lr_factor(1, 10, c) == pytest.approx(2 / 3)
+        assert lr_factor(2, 10, c) == pytest.approx(1.0)
+    # cosine: 0.1 + 0.9 * 0.5 * (1 + cos(pi p))
+    assert lr_factor(4, 10, cos) == pytest.approx(0.1 + 0.9 * 0.853553, abs=1e-6)  # p = 1/4
+    assert lr_factor(6, 10, cos) == pytest.approx(0.55)  # p = 1/2
+    assert lr_factor(9, 10, cos) == pytest.approx(0.1 + 0.9 * 0.038060, abs=1e-6)  # p = 7/8
+    assert lr_factor(10, 10, cos) == pytest.approx(0.1)
+    assert lr_factor(50, 10, cos) == pytest.approx(0.1)  # never below min_lr_ratio
+    # linear: 0.1 + 0.9 * (1 - p)
+    assert lr_factor(4, 10, lin) == pytest.approx(0.775)
+    assert lr_factor(10, 10, lin) == pytest.approx(0.1)
+    assert lr_factor(7, 10, const) == 1.0
+    # warmup from warmup_ratio: int(0.25 * 10) = 2 steps
+    ratio = run_config("train.warmup_ratio=0.25", "train.lr_scheduler=constant")
+    assert [lr_factor(s, 10, ratio) for s in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+def test_lora_plus_groups_and_no_weight_decay_on_norms(run_config):
+    from core.lora import inject_lora
+    from core.modeling import load_model
+    from core.train import PlainBackend
+
+    cfg = run_config("lora.lr_ratio_b=16", "train.lr=1e-3", "train.weight_decay=0.1")
+    model = load_model(cfg.model)
+    inject_lora(model, cfg.lora)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, cfg)
+    by_lr = {g["lr"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert sorted(by_lr) == pytest.approx([1e-3, 1.6e-2])
+    b_lr = max(by_lr)
+    assert by_lr[b_lr] and all("lora_B" in n for n in by_lr[b_lr])
+    assert by_lr[min(by_lr)] and all("lora_A" in n for n in by_lr[min(by_lr)])
+    n_trainable = sum(p.requires_grad for p in model.parameters())
+    assert sum(len(g["params"]) for g in groups) == n_trainable  # frozen base weights stay out
+    # the scheduler scales every group by the same factor: the ratio holds at every step
+    backend = PlainBackend(model, cfg, 10, torch.device("cpu"), "fp32")
+    for _ in range(3):
+        lrs = sorted(g["lr"] for g in backend.opt.param_groups)
+        assert lrs[-1] == pytest.approx(16 * lrs[0])
+        backend.sched.step()
+    # without LoRA+, A and B share one group
+    plain = run_config("train.lr=1e-3")
+    assert {g["lr"] for g in param_groups(model, plain)} == {1e-3}
+
+    # every parameter trainable (as in method full): norms and biases get no weight decay
+    full = load_model(cfg.model)
+    full_names = {id(p): n for n, p in full.named_parameters()}
+    decay_of = {full_names[id(p)]: g["weight_decay"] for g in param_groups(full, cfg) for p in g["params"]}
+    norms = [n for n in decay_of if "norm" in n]
+    assert norms and all(decay_of[n] == 0.0 for n in norms)
+    assert decay_of["model.layers.0.self_attn.q_proj.weight"] == 0.1
+    assert len(decay_of) == sum(1 for _ in full.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data order
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_micro_batches_cover_the_global_batch_exactly_once(run_config):
+    cfg = run_config("train.num_processes=2", "train.grad_accum=2", "train.batch_size=8", "train.seed=7")
+    single = run_config("train.batch_size=8", "train.seed=7")
+    num_rows = 37  # 4 full batches per epoch, the partial fifth dropped
+    ranks = [DistEnv(rank=r, world_size=2, local_rank=r) for r in range(2)]
+    for epoch in range(2):
+        seen_in_epoch: set[int] = set()
+        for step in range(epoch * 4, epoch * 4 + 4):
+            parts = [mb for env in ranks for mb in micro_batches(step, num_rows, cfg, env)]
+            assert len(parts) == 4 and all(len(mb) == 2 for mb in parts)  # 2 ranks x 2 accum x 2 rows
+            union = [i for mb in parts for i in mb]
+            assert len(union) == len(set(union)) == 8  # each row of the global batch exactly once
+            # the same global batch as one process without accumulation reads
+            (whole,) = micro_batches(step, num_rows, single, DistEnv())
+            assert sorted(union) == sorted(whole)
+            assert not seen_in_epoch & set(union)  # no row twice within an epoch
+            seen_in_epoch |= set(union)
+            # a pure function of (seed, step): recomputing gives the same lists in the same order
+            assert parts == [mb for env in ranks for mb in micro_batches(step, num_rows, cfg, env)]
+        assert len(seen_in_epoch) == 32
+    other_seed = run_config("train.num_processes=2", "train.grad_accum=2", "train.seed=8")
+    assert list(micro_batches(0, num_rows, cfg, ranks[0])) != list(
+        micro_batches(0, num_rows, other_seed, ranks[0])
+    )
+    # the next epoch is a different permutation
+    assert list(micro_batches(0, num_rows, single, DistEnv())) != list(
+        micro_batches(4, num_rows, single, DistEnv())
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def _junk_dir(path: Path) -> None:
+    path.mkdir(parents=True)
+    (path / "trainable.safetensors").write_bytes(b"\x00torn write")
+
+
+def test_checkpoints_complete_only_pruned_after_newer_and_torn_dirs_cleaned(run_config, monkeypatch):
+    cfg = run_config("train.max_steps=12", "train.save_every=3", "train.keep_last=2")
+    train_dir = _prepare(cfg)
+    root = cfg.run_dir / "checkpoints"
+    # left by a killed attempt: torn dirs (no COMPLETE), and a marker that is not JSON
+    _junk_dir(root / ckpt.step_dir_name(3))  # the same step the run will save: replaced
+    _junk_dir(root / ckpt.step_dir_name(5))
+    _junk_dir(root / ckpt.step_dir_name(99))
+    _junk_dir(root / ckpt.step_dir_name(100))
+    (root / ckpt.step_dir_name(100) / ckpt.COMPLETE).write_text("{not json")
+    assert ckpt.list_complete(root) == []
+    assert ckpt.latest_complete(root, ckpt.training_fingerprint(cfg)) is None
+
+    events: list[tuple] = []
+    real_mark, real_prune = ckpt.mark_complete, ckpt.prune
+
+    def mark(path, meta):
+        # the step's files are all written before the marker
+        assert {"trainable.safetensors", "optim.pt", "rng_rank0.pt"} <= {p.name for p in path.iterdir()}
+        real_mark(path, meta)
+        events.append(("complete", meta["step"]))
+
+    def prune(root_, keep_last):
+        before = {p.name for p in root_.iterdir()}
+        complete_before = [c.step for c in ckpt.list_complete(root_)]
+        real_prune(root_, keep_last)
+        after = {p.name for p in root_.iterdir()}
+        events.append(("prune", complete_before, sorted(before - after)))
+
+    monkeypatch.setattr(ckpt, "mark_complete", mark)
+    monkeypatch.setattr(ckpt, "prune", prune)
+    train(cfg, cfg.run_dir, train_dir)
+
+    assert events == [
+        ("complete", 3),
+        ("prune", [3], ["step-000005", "step-000099", "step-000100"]),  # torn dirs cleaned
+        ("complete", 6),
+        ("prune", [3, 6], []),
+        ("complete", 9),
+        ("prune", [3, 6, 9], ["step-000003"]),  # removed only once 6 and 9 are complete
+    ]  # no checkpoint at the last step: the final adapter is the output
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000009"]
+    done = ckpt.list_complete(root)
+    assert [c.step for c in done] == [6, 9]
+    fp = ckpt.training_fingerprint(cfg)
+    assert all(c.meta["fingerprint"] == fp and c.meta["method"] == "lora" for c in done)
+    assert ckpt.latest_complete(root, fp).step == 9
+    # a torn dir newer than every complete one is not taken for the latest
+    _junk_dir(root / ckpt.step_dir_name(12))
+    assert ckpt.latest_complete(root, fp).step == 9
+
+
+def test_resume_with_another_config_is_refused(run_config):
+    cfg = run_config("train.max_steps=4", "train.save_every=2", "train.lr=1e-3")
+    train_dir = _prepare(cfg)
+    train(cfg, cfg.run_dir, train_dir)
+    assert [c.step for c in ckpt.list_complete(cfg.run_dir / "checkpoints")] == [2]
+
+    changed = run_config("train.max_steps=4", "train.save_every=2", "train.lr=2e-3")
+    with pytest.raises(ckpt.CheckpointMismatchError, match="different training configuration") as err:
+        train(changed, changed.run_dir, train_dir)
+    assert "step-000002" in str(err.value) and "new run name" in str(err.value)
+    with pytest.raises(PreflightError, match="different training configuration"):
+        preflight(changed, changed.run_dir)
+    # cadence and scheduling settings do not change the trajectory: resuming with them is allowed
+    cadence = run_config(
+        "train.max_steps=4", "train.save_every=3", "train.keep_last=5", "train.log_every=2", "train.lr=1e-3"
+    )
+    assert ckpt.training_fingerprint(cadence) == ckpt.training_fingerprint(cfg)
+    preflight(cadence, cadence.run_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume exactness: kill -9 after a checkpoint, resume, compare with an uninterrupted run
+# ----------------------------------------------------------------------------------------------------
+
+# Runs `python -m core.train` but stops before optimizer step 8 (0-based 7), announcing it via a file,
+# so the parent can SIGKILL it with checkpoint 6 complete and metrics already written past it.
+_PAUSING_CHILD = """
+import sys, time
+from pathlib import Path
+import core.train as t
+
+marker = Path(sys.argv[1])
+real = t.micro_batches
+
+def micro_batches(step, *args):
+    if step == 7:
+        marker.write_text("paused")
+        time.sleep(600)
+    return real(step, *args)
+
+t.micro_batches = micro_batches
+sys.exit(t.main(sys.argv[2:]))
+"""
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(run_config, tmp_path):
+    common = ("train.max_steps=10", "train.save_every=3", "lora.dropout=0.1", "train.lr=3e-3")
+    cfg_a = run_config("name=uninterrupted", *common)
+    cfg_b = run_config("name=killed", *common)
+    assert ckpt.training_fingerprint(cfg_a) == ckpt.training_fingerprint(cfg_b)
+    data_a, data_b = _prepare(cfg_a), _prepare(cfg_b)
+
+    summary_a = train(cfg_a, cfg_a.run_dir, data_a).summary
+    losses_a = [(r["step"], r["loss"], r["grad_norm"]) for r in _metrics(cfg_a.run_dir)]
+    assert [s for s, _, _ in losses_a] == list(range(1, 11))
+
+    # B: a subprocess with this process's thread count (fp32 reductions depend on it), killed as a group
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": str(REPO)}
+    marker = tmp_path / "paused"
+    argv = [sys.executable, "-c", _PAUSING_CHILD, str(marker)]
+    argv += ["--run-dir", str(cfg_b.run_dir), "--train-data", str(data_b)]
+    log = (tmp_path / "child.log").open("w")
+    proc = subprocess.Popen(
+        argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "child never reached step 8"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    root = cfg_b.run_dir / "checkpoints"
+    assert [c.step for c in ckpt.list_complete(root)] == [3, 6]
+    assert [r["step"] for r in _metrics(cfg_b.run_dir)] == list(range(1, 8))  # step 7 is past the checkpoint
+    assert not (cfg_b.run_dir / SUMMARY).exists() and not (cfg_b.run_dir / "adapter").exists()
+
+    result = train(cfg_b, cfg_b.run_dir, data_b)  # resumes in-process
+    assert result.summary["resumed_from_step"] == 6
+    losses_b = [(r["step"], r["loss"], r["grad_norm"]) for r in _metrics(cfg_b.run_dir)]
+    assert [s for s, _, _ in losses_b] == list(range(1, 11))  # one line per step, step 7 not doubled
+    assert losses_b == losses_a  # exact: fp32 CPU, model/optimizer/scheduler/RNG/data position restored
+    assert result.summary["final_loss"] == summary_a["final_loss"]  # unrounded
+
+    wa = load_file(str(next((cfg_a.run_dir / "adapter").glob("*.safetensors"))))
+    wb = load_file(str(next((cfg_b.run_dir / "adapter").glob("*.safetensors"))))
+    assert wa.keys() == wb.keys() and wa
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
