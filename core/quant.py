@@ -1,0 +1,276 @@
+"""4-bit (NF4/FP4) base quantization for QLoRA (Dettmers et al. 2023, arXiv:2305.14314) with bitsandbytes.
+
+report = quantize_model(model, QuantConfig(quant_type="nf4"))   # every linear but the head -> QLinear4bit
+w = dequantize_linear4bit(model.model.layers[0].self_attn.q_proj)  # (out, in) fp32, e.g. to merge an adapter
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from core.config import QuantConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_INSTALL_HINT = (
+    "bitsandbytes is not installed, and method 'qlora' needs it for 4-bit base weights: "
+    "`pip install 'bitsandbytes==0.50.2'` (CPU and CUDA wheels on PyPI), or use method 'lora'"
+)
+
+
+def _import_bnb():
+    # bitsandbytes' CPU backend logs a warning at import when the optional `kernels` package is absent;
+    # that package only speeds up the inference kernel QLinear4bit never calls, so keep the log quiet.
+    cpu_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_log.level
+    cpu_log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+    finally:
+        cpu_log.setLevel(level)
+    return bnb, fix_4bit_weight_quant_state_from_module
+
+
+try:
+    bnb, _fix_quant_state = _import_bnb()
+except ImportError as _e:  # core.quant stays importable; quantize_model says how to install
+    bnb, _fix_quant_state, _BNB_ERROR = None, None, _e
+else:
+    _BNB_ERROR = None
+
+
+def _bnb():
+    """bitsandbytes, or an ImportError that says how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError(f"{_INSTALL_HINT} ({e})") from e
+    if bnb is None:  # installed after this module was imported: start again in a fresh process
+        raise ImportError(f"{_INSTALL_HINT} ({_BNB_ERROR})")
+    return bitsandbytes
+
+
+_Linear4bitBase = bnb.nn.Linear4bit if bnb is not None else nn.Linear
+
+
+class QLinear4bit(_Linear4bitBase):
+    """A bitsandbytes ``Linear4bit`` whose forward always takes the differentiable path.
+
+    Why (bitsandbytes 0.50.2, ``bitsandbytes/nn/modules.py`` ``Linear4bit.forward``): on a CPU with
+    AVX512-BF16, a forward with ``not self.training and x.requires_grad == False`` (eval mode under
+    ``no_grad``/``inference_mode``, or eval mode for a layer whose input needs no grad) calls
+    ``functional._convert_weight_packed_for_cpu``, which *mutates the layer in place*: it re-packs
+    ``weight.data`` into 32-row tiles, replaces ``quant_state.absmax`` by a transposed bf16 copy,
+    drops the double quantization and sets ``quant_state.packing_format_for_cpu = True``. From then
+    on ``bnb.matmul_4bit`` (``autograd/_functions.py``) sends every call, training included, to
+    ``F.gemv_4bit``, a custom op with no autograd kernel: the base output is computed in bf16 and its
+    backward returns no gradient to the input (torch only warns "an autograd kernel was not
+    registered"), so the adapters of every earlier layer get wrong gradients, silently with an
+    out-of-place adapter add (PEFT's), or an in-place error in our fused LoRALinear. Undoing it is no fix:
+    ``_convert_weight_packed_for_cpu_inverse`` keeps the bf16-rounded scales, and without double
+    quantization leaves ``absmax`` transposed (measured: 27% relative error in the weights). So the
+    conversion must never happen: this forward is ``Linear4bit.forward`` without it. With grad it runs
+    ``MatMul4Bit`` (dequantize, linear; its backward dequantizes again and saves only the packed
+    weight, so no full-size weight stays alive per layer); without grad ``gemm_4bit`` (dequantize,
+    linear). The conversion is also where bitsandbytes asserts ``out_features % 32 == 0``: this layer
+    has no such limit.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _fix_quant_state(self)
+        qs = self.weight.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):  # repacked by plain Linear4bit code elsewhere
+            raise RuntimeError(
+                "this 4-bit layer was repacked by bitsandbytes' CPU inference path, which loses its "
+                "exact scales and has no backward; reload the base model and quantize it again"
+            )
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = bnb.matmul_4bit(x.to(dtype), self.weight, quant_state=qs, bias=bias)  # (..., in) -> (..., out)
+        return out.to(x.dtype)
+
+
+def is_4bit_linear(module: nn.Module) -> bool:
+    """True for any bitsandbytes ``Linear4bit`` (ours included); False when bitsandbytes is absent."""
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+@dataclass
+class QuantReport:
+    """What quantize_model changed: quantized layers and their weight bytes before and after."""
+
+    quantized: list[str]
+    skipped: list[str]
+    bytes_before: int  # the original weights at their load dtype (fp32: 4 bytes per weight)
+    bytes_packed: int  # the 4-bit codes, two per byte
+    bytes_stats: int  # absmax scales, double-quant state and the code tables of every layer
+    quant_type: str = "nf4"
+    per_layer: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in, out)
+
+    @property
+    def num_quantized(self) -> int:
+        return len(self.quantized)
+
+    @property
+    def bytes_after(self) -> int:
+        return self.bytes_packed + self.bytes_stats
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / self.bytes_before if self.bytes_before else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.quant_type} on {self.num_quantized} linear layers ({len(self.skipped)} kept): "
+            f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB ({self.ratio:.3f}x)"
+        )
+
+
+def _quant_state_tensors(qs) -> list[torch.Tensor]:
+    out = [qs.absmax, qs.code]
+    if getattr(qs, "nested", False) and qs.state2 is not None:
+        out += [qs.state2.absmax, qs.state2.code]
+        if isinstance(qs.offset, torch.Tensor):
+            out.append(qs.offset)
+    return out
+
+
+def _cpu_shape_problems(named: list[tuple[str, nn.Linear]], blocksize: int) -> list[str]:
+    # bitsandbytes 0.50.2's CPU dequantize_4bit kernel (backends/cpu/ops.py ->
+    # cdequantize_blockwise_cpu_*) works row by row: when in_features is not a multiple of the
+    # blocksize, blocks straddle rows and (for in_features % 16 == 0) it reads the wrong scale.
+    # Measured: 64x64 at blocksize 128 dequantizes with 17-39% relative error, against 9% for NF4.
+    return [f"{name} (in_features={m.in_features})" for name, m in named if m.in_features % blocksize != 0]
+
+
+def quantize_model(
+    model: nn.Module,
+    cfg: QuantConfig,
+    *,
+    device: torch.device | str | None = None,
+    skip: list[str] | None = None,
+) -> QuantReport:
+    """Replace every ``nn.Linear`` except the output head by a 4-bit :class:`QLinear4bit`, in place.
+
+    Each weight becomes a bitsandbytes ``Params4bit`` quantized on ``device`` (default: CPU), with
+    blockwise absmax scales (``cfg.blocksize``), optionally double-quantized. Every parameter of the
+    model is frozen afterwards (it is the base of QLoRA); the rest of the model moves to ``device``.
+
+    Args:
+        model: a causal LM (``get_output_embeddings()`` names the head that stays in full precision).
+        cfg: quant_type nf4|fp4, double_quant, compute_dtype, blocksize.
+        device: where the quantized model lives; None keeps it on the CPU.
+        skip: module names (exact or ``.suffix``) that stay ``nn.Linear``.
+
+    Raises:
+        ImportError: bitsandbytes is missing (the message says how to install it).
+        ValueError: on CPU, a layer whose in_features is not a multiple of ``cfg.blocksize``
+            (every such layer is named, with what to change).
+    """
+    _bnb()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    skip = list(skip or [])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    named, skipped = [], []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear:  # Linear4bit and LoRALinear wrappers are left alone
+            continue
+        if m is head or any(name == s or name.endswith("." + s) for s in skip):
+            skipped.append(name)
+        else:
+            named.append((name, m))
+    if not named:
+        raise ValueError(
+            f"quantize_model found no nn.Linear to quantize (kept: {skipped}); is it quantized already?"
+        )
+    if dev.type == "cpu":
+        bad = _cpu_shape_problems(named, cfg.blocksize)
+        if bad:
+            raise ValueError(
+                f"{len(bad)} linear layer(s) cannot be 4-bit quantized on CPU with quant.blocksize={cfg.blocksize}: "
+                f"{bad[:8]}{' ...' if len(bad) > 8 else ''}. bitsandbytes' CPU kernel needs in_features to be a "
+                f"multiple of the blocksize; use quant.blocksize=64 (or a divisor of every in_features), "
+                f"or keep these layers in full precision: quantize_model(..., skip=[their names])"
+            )
+
+    compute_dtype = DTYPES[cfg.compute_dtype]
+    before = packed = stats = 0
+    seen: set[int] = set()  # count a storage once, should bitsandbytes ever share code tables
+    per_layer: dict[str, tuple[int, int]] = {}
+    for name, lin in named:
+        w = lin.weight.data
+        before += w.numel() * w.element_size()
+        q = QLinear4bit(
+            lin.in_features,
+            lin.out_features,
+            bias=lin.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=cfg.double_quant,
+            quant_type=cfg.quant_type,
+            quant_storage=torch.uint8,
+            device="meta",  # no throwaway fp32 init: the weight is replaced right below
+        )
+        # Params4bit quantizes when moved to a device while bnb_quantized is False (Params4bit.to ->
+        # _quantize -> functional.quantize_4bit), the CPU included.
+        q.weight = bnb.nn.Params4bit(
+            data=w.contiguous(),
+            requires_grad=False,
+            quant_type=cfg.quant_type,
+            compress_statistics=cfg.double_quant,
+            blocksize=cfg.blocksize,
+            quant_storage=torch.uint8,
+            module=q,
+        ).to(dev)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.to(dev), requires_grad=False)
+        q.train(lin.training)
+        packed += q.weight.data.untyped_storage().nbytes()
+        for t in _quant_state_tensors(q.weight.quant_state):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                stats += t.untyped_storage().nbytes()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+        per_layer[name] = (lin.in_features, lin.out_features)
+
+    for m in model.modules():  # the rest follows to the device; .data keeps tied parameters tied
+        if is_4bit_linear(m):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.device != dev:
+                p.data = p.data.to(dev)
+        for bname, b in list(m.named_buffers(recurse=False)):
+            if b is not None and b.device != dev:
+                m._buffers[bname] = b.to(dev)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    report = QuantReport([n for n, _ in named], skipped, before, packed, stats, cfg.quant_type, per_layer)
+    log.info(report.summary())
+    return report
+
+
+def dequantize_linear4bit(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) fp32 weight a bitsandbytes 4-bit layer computes with (for merges and checks)."""
+    _bnb()
+    w = layer.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is None:
+        raise TypeError(f"{type(layer).__name__} holds no 4-bit quant_state; is it quantized?")
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise RuntimeError(
+            "this layer was repacked by bitsandbytes' CPU inference path (its exact scales are lost); "
+            "reload and quantize the base model with core.quant.quantize_model"
+        )
+    return bnb.functional.dequantize_4bit(w.data, qs).to(torch.float32)  # (out, in)
+
+
+__all__ = ["QLinear4bit", "QuantReport", "dequantize_linear4bit", "is_4bit_linear", "quantize_model"]
