@@ -108,20 +108,25 @@ def total_steps(cfg: RunConfig, num_rows: int) -> int:
     return cfg.train.max_steps or cfg.train.epochs * spe
 
 
-def micro_batches(step: int, num_rows: int, cfg: RunConfig, env: DistEnv) -> Iterator[list[int]]:
-    """Row indices of this rank's micro-batches for optimizer step ``step`` (0-based).
+def step_rows(step: int, num_rows: int, cfg: RunConfig) -> torch.Tensor:
+    """Row indices of optimizer step ``step`` (0-based) over all ranks: a pure function of (seed, step).
 
-    Each epoch is a permutation seeded by (seed, epoch); step s reads rows [s·B, (s+1)·B) of it,
-    micro-batch k of rank r being slice k·world + r. Epochs with a partial last batch drop it.
+    Each epoch is a permutation seeded by (seed, epoch); step s reads rows [s·B, (s+1)·B) of it.
+    Epochs with a partial last batch drop it.
     """
-    bsz, micro = cfg.train.batch_size, cfg.micro_batch_size
+    bsz = cfg.train.batch_size
     spe = max(1, steps_per_epoch(num_rows, bsz))
     epoch, pos = divmod(step, spe)
     g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
     order = torch.randperm(num_rows, generator=g)
     if bsz > num_rows:  # max_steps with a tiny dataset: wrap around within the epoch
-        order = order.repeat(math.ceil(bsz / num_rows))
-    batch = order[pos * bsz : (pos + 1) * bsz] if bsz <= num_rows else order[:bsz]
+        return order.repeat(math.ceil(bsz / num_rows))[:bsz]
+    return order[pos * bsz : (pos + 1) * bsz]
+
+
+def micro_batches(step: int, num_rows: int, cfg: RunConfig, env: DistEnv) -> Iterator[list[int]]:
+    """This rank's micro-batches of step ``step``: micro-batch k of rank r is slice k·world + r."""
+    batch, micro = step_rows(step, num_rows, cfg), cfg.micro_batch_size
     for k in range(cfg.train.grad_accum):
         start = (k * env.world_size + env.rank) * micro
         yield batch[start : start + micro].tolist()
@@ -165,7 +170,10 @@ class _Backend:
     model: nn.Module
     env: DistEnv
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def forward_backward(self, batch: dict[str, torch.Tensor], step_tokens: int) -> torch.Tensor:
+        """Loss of one micro-batch as (sum of its token losses) / ``step_tokens``, the trained tokens
+        of the whole step on every rank; backpropagated so the update follows that global token mean."""
+
     def optimizer_step(self) -> float | None: ...
     def lr(self) -> float: ...
     def save(self, path: Path) -> None: ...
@@ -189,11 +197,10 @@ class PlainBackend(_Backend):
         self.autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    def forward_backward(self, batch):
+    def forward_backward(self, batch, step_tokens):
         with self.autocast:
-            loss = self.model(**batch).loss
-        scaled = loss / self.cfg.train.grad_accum
-        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss = self.model(**batch, num_items_in_batch=step_tokens).loss
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
         return loss.detach()
 
     def optimizer_step(self):
@@ -301,10 +308,12 @@ class DeepSpeedBackend(_Backend):
         self.model = self.engine.module
         self.stage = ds_config["zero_optimization"].get("stage", 0)
 
-    def forward_backward(self, batch):
+    def forward_backward(self, batch, step_tokens):
         batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-        loss = self.engine(**batch).loss
-        self.engine.backward(loss)  # scales by 1/grad_accum itself
+        loss = self.engine(**batch, num_items_in_batch=step_tokens).loss
+        # The loss is already a share of the step's global token mean: no 1/grad_accum scaling, and
+        # x world_size to undo DeepSpeed's averaging of gradients over ranks.
+        self.engine.backward(loss * self.env.world_size, scale_wrt_gas=False)
         self.engine.step()  # applies the update only at the accumulation boundary
         return loss.detach().float()
 
@@ -460,6 +469,9 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
 
     rows = load_split(train_data)
     num_rows = len(rows)
+    # Tokens each row trains (labels after the causal shift): every rank derives a step's global
+    # token count from the data order alone, without a collective.
+    row_tokens = torch.tensor([sum(t != -100 for t in labels[1:]) for labels in rows["labels"]])
     total = total_steps(cfg, num_rows)
     source = resolve_source(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.model)
@@ -504,20 +516,21 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
     with metrics_path.open("a") if env.is_main else nullcontext() as mf:
         for step in range(start, total):
             t0 = time.perf_counter()
-            loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro losses, local tokens)
+            loss_sum = torch.zeros(2, dtype=torch.float64)  # (this rank's share of the loss, its tokens)
             step_lr = backend.lr()  # the lr this step's update uses (the scheduler steps inside it)
+            step_tokens = int(row_tokens[step_rows(step, num_rows, cfg)].sum())
             for idx in micro_batches(step, num_rows, cfg, env):
                 batch = collate([rows[i] for i in idx], pad_id)
                 if not use_ds:
                     batch = {k: v.to(device) for k, v in batch.items()}
-                loss_sum[0] += backend.forward_backward(batch).double().cpu()
+                loss_sum[0] += backend.forward_backward(batch, step_tokens).double().cpu()
                 loss_sum[1] += int(batch["attention_mask"].sum())
             grad_norm = backend.optimizer_step()
             stats = backend.all_reduce_sum(loss_sum.to(torch.float64))
             if not math.isfinite(float(stats[0])):
                 raise FloatingPointError(f"loss is {float(stats[0])} at step {step + 1}; lower train.lr")
             dt = time.perf_counter() - t0
-            last_loss = float(stats[0]) / (cfg.train.grad_accum * env.world_size)
+            last_loss = float(stats[0])  # the step's token-mean loss over all ranks
             tokens_total += int(stats[1])
             done = step + 1
             if env.is_main:
