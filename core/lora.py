@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from core.config import LoraConfig
 
@@ -70,19 +71,43 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)  # (..., out)
+        a_w, b_w = self.lora_A.weight, self.lora_B.weight
+        if not (self.merged or self.disabled) and self._fusable(x):
+            base = self.base_layer
+            return _LoRALinearFn.apply(x, base.weight, base.bias, a_w, b_w, self.scaling)
+        out = self.base_layer(x)  # (..., out); called as a module so hooks (ZeRO-3 gathers) run
         if self.merged or self.disabled:
             return out
-        a_w, b_w = self.lora_A.weight, self.lora_B.weight
-        h = F.linear(self.lora_dropout(x.to(a_w.dtype)), a_w)  # (..., in) -> (..., r)
-        if out.dtype != b_w.dtype:  # mixed precision base (e.g. bf16 4-bit compute): no fusion
-            return out + (F.linear(h, b_w) * self.scaling).to(out.dtype)
-        # Fused: out += s·(h @ Bᵀ) in one GEMM, the scale applied inside addmm on the r-sized product,
-        # never on a separate (..., out) tensor. In place is safe: a linear's backward does not read
-        # its own output.
-        out2d = out.reshape(-1, self.out_features)  # (N, out), a view when contiguous
-        out2d.addmm_(h.reshape(-1, self.r), b_w.t(), alpha=self.scaling)  # (N, r) @ (r, out)
-        return out2d.view(out.shape)
+        if x.dtype != a_w.dtype:
+            x = x.to(a_w.dtype)
+        x = self.lora_dropout(x)  # nn.Identity at dropout 0: returns x itself, no copy
+        if out.dtype != b_w.dtype or not out.is_contiguous():  # e.g. bf16 4-bit compute: no fusion
+            return out + (F.linear(F.linear(x, a_w), b_w) * self.scaling).to(out.dtype)
+        return _LoRAAddInPlace.apply(out, x, a_w, b_w, self.scaling)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Base and adapter in one autograd node: a plain frozen nn.Linear nobody hooks, same dtypes.
+
+        Anything else (4-bit or ZeRO-3-partitioned bases, hooks on the base, a trainable base, mixed
+        dtypes, dropout) calls ``base_layer`` as a module and adds the adapter after it.
+        """
+        base, w = self.base_layer, self.base_layer.weight
+        return (
+            type(base) is nn.Linear
+            and not w.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and not hasattr(w, "ds_id")  # DeepSpeed ZeRO-3 gathers it in the module's hooks
+            and not (
+                base._forward_hooks
+                or base._forward_pre_hooks
+                or base._backward_hooks
+                or base._backward_pre_hooks
+            )
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+            and isinstance(self.lora_dropout, nn.Identity)
+            and x.dtype == w.dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     # --- merge ---------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
@@ -119,6 +144,85 @@ class LoRALinear(nn.Module):
             raise ValueError("unmerge would produce non-finite weights, refusing")
         w.data.copy_(new)
         self.merged = False
+
+
+class _LoRAAddInPlace(torch.autograd.Function):
+    """out += s·(x @ Aᵀ) @ Bᵀ in place, with GEMM layouts chosen for the r-sized operands.
+
+    Same maths and saved tensors as autograd of the plain formula (x and the r-sized h, as PEFT saves),
+    but: (1) the scale rides on the r-sized product and the add is one ``addmm_`` into the base output,
+    with no (..., out) temporaries; (2) the in-place add happens inside the Function, on a 2-D view taken
+    with autograd off, so autograd records no view + ``CopySlices`` (which clones the (N, out) gradient
+    in backward); (3) every skinny GEMM is written as (r, ·) @ (·, ·): on CPU (MKL, fp32, r=8, N=512,
+    out=1408, one thread) ``g @ B`` and ``gᵀ @ h`` took 0.82 ms each here, the same products as
+    ``(Bᵀ @ gᵀ)ᵀ`` and ``(hᵀ @ g)ᵀ`` 0.19 ms; an nn.Linear backward (PEFT's lora_B) takes the slow ones.
+    A base layer whose backward read its own output would make autograd raise here, never go wrong.
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, a_w, b_w, scaling):
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in), a view when contiguous
+        h_t = torch.mm(a_w, x2d.t())  # (r, in) @ (in, N) -> (r, N) = hᵀ
+        out.view(-1, out.shape[-1]).addmm_(h_t.t(), b_w.t(), alpha=scaling)  # (N, r) @ (r, out)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, h_t, a_w, b_w)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, h_t, a_w, b_w = ctx.saved_tensors
+        s = ctx.scaling
+        g2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        need_x, need_a, need_b = ctx.needs_input_grad[1:4]
+        grad_x = grad_a = grad_b = None
+        if need_x or need_a:
+            gh_t = torch.mm(b_w.t(), g2d.t()).mul_(s)  # (r, out) @ (out, N) -> (r, N) = s·(g @ B)ᵀ
+            if need_a:
+                grad_a = torch.mm(gh_t, x.reshape(-1, x.shape[-1]))  # (r, N) @ (N, in) -> (r, in)
+            if need_x:
+                grad_x = torch.mm(gh_t.t(), a_w).view(x.shape)  # (N, r) @ (r, in) -> (..., in)
+        if need_b:
+            grad_b = torch.mm(h_t, g2d).mul_(s).t().contiguous()  # (r, N) @ (N, out) -> (out, r)
+        return grad, grad_x, grad_a, grad_b, None
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """y = x @ Wᵀ + b + s·(x @ Aᵀ) @ Bᵀ for a frozen W, as :class:`_LoRAAddInPlace` plus the base GEMM.
+
+    One node instead of two: the input gradient is one buffer, ``g @ W`` then ``addmm_`` of the adapter's
+    share, instead of two (N, in) tensors summed by autograd. Saves x, hᵀ (r, N) and the weights, as the
+    two-node path does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, bias, a_w, b_w, scaling):
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = torch.mm(x2d, w.t()) if bias is None else torch.addmm(bias, x2d, w.t())  # (N, out), as F.linear
+        h_t = torch.mm(a_w, x2d.t())  # (r, in) @ (in, N) -> (r, N) = hᵀ
+        out.addmm_(h_t.t(), b_w.t(), alpha=scaling)  # += s·(N, r) @ (r, out)
+        ctx.save_for_backward(x, h_t, w, a_w, b_w)
+        ctx.scaling = scaling
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, h_t, w, a_w, b_w = ctx.saved_tensors
+        s = ctx.scaling
+        g2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        grad_x = grad_a = grad_b = None
+        if need_x or need_a:
+            gh_t = torch.mm(b_w.t(), g2d.t()).mul_(s)  # (r, out) @ (out, N) -> (r, N) = s·(g @ B)ᵀ
+            if need_a:
+                grad_a = torch.mm(gh_t, x.reshape(-1, x.shape[-1]))  # (r, N) @ (N, in) -> (r, in)
+            if need_x:
+                grad_x = torch.mm(g2d, w).addmm_(gh_t.t(), a_w).view(x.shape)  # g @ W + (N, r) @ (r, in)
+        if need_b:
+            grad_b = torch.mm(h_t, g2d).mul_(s).t().contiguous()  # (r, N) @ (N, out) -> (out, r)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 # ----------------------------------------------------------------------------------------------------
