@@ -65,6 +65,30 @@ def _gap(merged_dir, batch, ref, rows, ref_loss, cfg: RunConfig, pad_id: int) ->
     return gap
 
 
+def _vs_4bit(cfg: RunConfig, adapter_dir, merged_dir, batch, rows, pad_id: int) -> dict[str, float]:
+    """QLoRA only: the merged model against the model that was trained and evaluated, the adapter on
+    the 4-bit base. Reported, not gated: this is the NF4 approximation error, which merging into
+    the original weights removes (for better or worse), not a merge defect."""
+    from transformers import AutoModelForCausalLM
+
+    trained = load_model(cfg.model, source=resolve_source(cfg.model.name_or_path), quant=cfg.quant)
+    load_adapter(trained, adapter_dir)
+    trained.eval()
+    merged = AutoModelForCausalLM.from_pretrained(
+        merged_dir, dtype=DTYPES[cfg.merge.dtype], use_safetensors=True
+    )
+    merged.eval()
+    diff = (_logits(merged, batch) - _logits(trained, batch)).abs()
+    loss_trained = heldout_loss(trained, rows, pad_id, GAP_ROWS)["loss"]
+    loss_merged = heldout_loss(merged, rows, pad_id, GAP_ROWS)["loss"]
+    return {
+        "max_logit_gap": float(diff.max()),
+        "loss_4bit_trained": loss_trained,
+        "loss_merged": loss_merged,
+        "loss_gap": loss_merged - loss_trained,
+    }
+
+
 def merge(
     cfg: RunConfig, run_dir: str | Path, adapter_dir: str | Path, eval_data: str | Path | None
 ) -> dict[str, Any]:
@@ -100,6 +124,8 @@ def merge(
         tokenizer.save_pretrained(tmp)
         if batch is not None:
             report.update(_gap(tmp, batch, ref, rows, ref_loss, cfg, tokenizer.pad_token_id))
+        if batch is not None and cfg.method == "qlora":
+            report["vs_4bit_trained"] = _vs_4bit(cfg, adapter_dir, tmp, batch, rows, tokenizer.pad_token_id)
     report["merged_dir"] = str(out)
     (run_dir / MERGE_REPORT).write_text(json.dumps(report, indent=2))
     log.info("merged into %s: max logit gap %s", out, report.get("max_logit_gap"))
