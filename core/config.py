@@ -29,6 +29,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune").expanduser()
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false. PyYAML's 1.1 rules turn ``name=off`` or
+    ``model_name: no`` into False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
 class ConfigError(ValueError):
     """A run configuration is invalid; the message lists every problem and how to fix it."""
 
@@ -284,7 +302,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
         raise ConfigError(f"bad override {item!r}: expected dotted.key=value, e.g. train.lr=1e-4")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), _load_yaml(raw) if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -340,7 +358,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"run config {p} does not exist; pass a YAML file such as deploy/runs/demo.yaml"
             )
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"run config {p} is not valid YAML: {e}") from None
     return config_from_dict(apply_overrides(data, overrides or []), source=source)

@@ -266,3 +266,13 @@ def test_non_mapping_yaml_message(tmp_path):
 def test_read_resolved_missing(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         read_resolved(tmp_path)
+
+
+def test_yaml_1_1_words_stay_strings(tmp_path):
+    # PyYAML's YAML 1.1 rules read off/no/yes/on as booleans: a run called "off" would be rejected.
+    cfg = load_config(overrides=["name=off", "publish.model_name=no", "train.gradient_checkpointing=true"])
+    assert (cfg.name, cfg.publish.model_name, cfg.train.gradient_checkpointing) == ("off", "no", True)
+    path = tmp_path / "run.yaml"
+    path.write_text("name: yes\nmerge:\n  enabled: false\n")
+    cfg = load_config(path)
+    assert cfg.name == "yes" and cfg.merge.enabled is False
