@@ -187,9 +187,8 @@ class PublishConfig(_Strict):
     model_name: str | None = None  # default: the run name
     version: str | None = None  # default: next free v0001, v0002, ...
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    include: list[Literal["adapter", "merged", "model"]] = Field(
-        default_factory=lambda: ["adapter", "merged"]
-    )
+    # None: everything the run produced (adapter and merged model, or the full model).
+    include: list[Literal["adapter", "merged", "model"]] | None = None
 
     @field_validator("model_name")
     @classmethod
@@ -247,11 +246,13 @@ class RunConfig(_Strict):
             problems.append(
                 "train.launcher='inprocess' runs one process; set num_processes=1 or another launcher"
             )
-        if self.publish.enabled and "merged" in self.publish.include and not self.merge.enabled:
-            if self.method != "full":
-                problems.append(
-                    "publish.include has 'merged' but merge.enabled is false; drop it or enable merge"
-                )
+        include = set(self.publish.include or [])
+        if self.publish.enabled and "merged" in include and not self.merge.enabled and self.method != "full":
+            problems.append(
+                "publish.include has 'merged' but merge.enabled is false; drop it or enable merge"
+            )
+        if self.publish.enabled and "adapter" in include and self.method == "full":
+            problems.append("publish.include has 'adapter' but method 'full' trains no adapter; use 'model'")
         if problems:
             raise ValueError("; ".join(problems))
         return self

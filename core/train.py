@@ -575,7 +575,7 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         "total_params": n_total,
         "trainable_share": trainable / n_total,
         "world_size": env.world_size,
-        "zero_stage": cfg.zero_stage if use_ds else None,
+        "zero_stage": backend.stage if use_ds else None,  # the DeepSpeed config file may set it
         "precision": precision,
         "fingerprint": fingerprint,
     }

@@ -51,12 +51,15 @@ def _sources(cfg, run_dir: str, out: dict) -> dict[str, str]:
         if (run / name).is_file():
             sources[Path(name).name] = run / name
     trained = Path(out["train"]["output_dir"])
-    if "adapter" in cfg.publish.include and cfg.method != "full":
-        sources["adapter"] = trained
-    if "merged" in cfg.publish.include and "merge" in out:
-        sources["merged"] = Path(out["merge"]["merged_dir"])
-    if cfg.method == "full" and {"model", "merged"} & set(cfg.publish.include):
-        sources["model"] = trained
+    include = set(cfg.publish.include or ["adapter", "merged", "model"])
+    if cfg.method == "full":
+        if include & {"model", "merged"}:
+            sources["model"] = trained
+    else:
+        if "adapter" in include:
+            sources["adapter"] = trained
+        if "merged" in include and "merge" in out:
+            sources["merged"] = Path(out["merge"]["merged_dir"])
     return {k: str(v) for k, v in sources.items()}
 
 
