@@ -35,13 +35,20 @@ def test_demo_publishes_a_version_whose_manifest_matches_the_files(demo_run):
     assert vdir.parent.name == "versions" and pub["version"] == "v0001"
     manifest = json.loads((vdir / "manifest.json").read_text())
     paths = {f["path"] for f in manifest["files"]}
-    assert {"run_config.yaml", "eval.json", "adapter/adapter_model.safetensors", "merged/model.safetensors"} <= paths
+    assert {
+        "run_config.yaml",
+        "eval.json",
+        "adapter/adapter_model.safetensors",
+        "merged/model.safetensors",
+    } <= paths
     for entry in manifest["files"]:
         data = (vdir / entry["path"]).read_bytes()
         assert len(data) == entry["size"]
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["path"]
     # Every file of the version is in the manifest (nothing unaccounted for besides the manifest itself).
-    on_disk = {str(p.relative_to(vdir)) for p in vdir.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    on_disk = {
+        str(p.relative_to(vdir)) for p in vdir.rglob("*") if p.is_file() and not p.name.startswith(".")
+    }
     assert on_disk - {"manifest.json"} == paths
 
 
@@ -81,3 +88,61 @@ def test_demo_tuned_model_beats_base_on_exact_match(demo_run):
     assert tuned["loss"] < base["loss"]
     summary = json.loads((Path(result["run_dir"]) / "train_summary.json").read_text())
     assert 0 < summary["trainable_share"] < 0.2
+
+
+# Installed through PYTHONPATH into the training subprocess only: SIGKILLs it once, mid-run, the first
+# time collate is called for the CRASH_AT-th micro-batch. The test's own process never imports it.
+_CRASH_ONCE = """
+import os, signal
+import core.data as _data
+
+_real, _calls = _data.collate, [0]
+
+def collate(*args, **kwargs):
+    _calls[0] += 1
+    marker = os.environ["DELTATUNE_TEST_CRASH_MARKER"]
+    if _calls[0] == int(os.environ["DELTATUNE_TEST_CRASH_AT"]) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real(*args, **kwargs)
+
+_data.collate = collate
+"""
+
+
+def test_train_task_retry_resumes_from_the_last_checkpoint(
+    prefect_harness, run_config, tmp_path, monkeypatch
+):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from core.config import to_yaml
+    from flows.finetune import finetune
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_CRASH_ONCE)
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("DELTATUNE_TEST_CRASH_MARKER", str(marker))
+    monkeypatch.setenv("DELTATUNE_TEST_CRASH_AT", "5")  # during step 5: checkpoints 2 and 4 are complete
+    cfg = run_config(
+        "name=retry", "train.max_steps=6", "train.save_every=2", "train.retries=1", "train.retry_delay_s=0"
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(cfg))
+
+    state = finetune(config=str(path), return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert marker.exists(), "the first attempt was never killed"
+    assert result["train"]["resumed_from_step"] == 4
+    steps = [json.loads(line)["step"] for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    train_runs = [r for r in runs if r.name.startswith("train")]
+    assert len(train_runs) == 1 and train_runs[0].run_count == 2  # one task run, retried once
+    assert Path(result["publish"]["uri"], "manifest.json").is_file()

@@ -1,0 +1,46 @@
+"""The deltatune command line: config errors, show-config, make-tiny-model (run as real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import REPO
+
+
+def _cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_show_config_resolves_the_demo_with_overrides():
+    out = _cli("show-config", "--set", "lora.r=4", "--set", "train.lr=1e-4")
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["name"] == "demo" and cfg["lora"]["r"] == 4 and cfg["train"]["lr"] == 1e-4
+
+
+def test_bad_config_exits_2_naming_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: lora\nlora:\n  rnak: 8\ntrain:\n  lr: -1\n")
+    out = _cli("run", str(bad))
+    assert out.returncode == 2
+    assert "lora.rnak: unknown key" in out.stderr and "train.lr" in out.stderr
+    assert "Traceback" not in out.stderr
+    missing = _cli("run", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_make_tiny_model_builds_a_loadable_model(tmp_path):
+    out = _cli("make-tiny-model", str(tmp_path / "m"), "--pretrain-steps", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads((tmp_path / "m" / "tiny_model.json").read_text())
+    assert info["recipe"]["pretrain_steps"] == 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.hidden_size % 32 == 0
