@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from core.secretkeys import secret_key_paths
 
 RUN_CONFIG_NAME = "run_config.yaml"
 
@@ -22,6 +32,24 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def _no_secrets(options: dict[str, Any]) -> dict[str, Any]:
+    # run_config.yaml is published with every version, printed by show-config and stored as Prefect
+    # flow-run parameters: a credential here would end up in all three.
+    found = list(secret_key_paths(options))
+    if found:
+        raise ValueError(
+            f"has secret-looking key(s) {', '.join(found)}: run configs are published and logged, so "
+            "they must not hold credentials; pass them through the environment (AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or an instance role, and keep only non-secret options "
+            "here (client_kwargs.endpoint_url, config_kwargs, anon)"
+        )
+    return options
+
+
+# fsspec options for a remote URI; never credentials (see _no_secrets).
+StorageOptions = Annotated[dict[str, Any], AfterValidator(_no_secrets)]
 
 
 def cache_root() -> Path:
@@ -52,7 +80,10 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # hide_input_in_errors: a rejected storage_options dict holds the very secret it was rejected for.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), hide_input_in_errors=True
+    )
 
 
 class ModelConfig(_Strict):
@@ -78,7 +109,7 @@ class DataConfig(_Strict):
     add_eos: bool = True
     seed: int = 0
     cache_dir: str | None = None  # content-addressed cache of tokenized splits; default ~/.cache/deltatune
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: StorageOptions = Field(default_factory=dict)
 
 
 class LoraConfig(_Strict):
@@ -186,7 +217,7 @@ class PublishConfig(_Strict):
     store: str = "./artifacts"
     model_name: str | None = None  # default: the run name
     version: str | None = None  # default: next free v0001, v0002, ...
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: StorageOptions = Field(default_factory=dict)
     # None: everything the run produced (adapter and merged model, or the full model).
     include: list[Literal["adapter", "merged", "model"]] | None = None
 

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from fsspec.core import url_to_fs
 
+from core.secretkeys import SECRET_KEY, redact
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
@@ -37,7 +39,6 @@ CHUNK_SIZE = 1 << 20
 _AUTO_VERSION = re.compile(r"^v(\d+)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RESERVED = {MANIFEST_NAME, STAGING_DIR, CLAIM_NAME}
-_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|api_?key|access_?key|^key$", re.I)
 _LOCAL_PROTOCOLS = {"file", "local"}
 
 
@@ -123,25 +124,6 @@ def _check_relpath(relpath: str) -> str:
     return "/".join(parts)
 
 
-def redact(options: Any) -> Any:
-    """Return a copy of storage options with every secret-looking value replaced by ``'***'``.
-
-    Args:
-        options: Storage options (nested dicts and lists allowed).
-
-    Returns:
-        The same structure with values under keys like ``secret``, ``token``, ``key`` masked.
-    """
-    if isinstance(options, Mapping):
-        return {
-            k: ("***" if _SECRET_KEY.search(str(k)) and v is not None else redact(v))
-            for k, v in options.items()
-        }
-    if isinstance(options, (list, tuple)):
-        return type(options)(redact(v) for v in options)
-    return options
-
-
 def _safe_uri(uri: str) -> str:
     """Drop ``user:password@`` from a URI so it can be logged or raised."""
     parts = urlsplit(uri)
@@ -156,7 +138,7 @@ def _safe_uri(uri: str) -> str:
 def _check_metadata(metadata: Any, where: str = "metadata") -> None:
     if isinstance(metadata, Mapping):
         for k, v in metadata.items():
-            if _SECRET_KEY.search(str(k)):
+            if SECRET_KEY.search(str(k)):
                 raise ValueError(
                     f"{where}[{k!r}] looks like a secret; manifests are readable by anyone with store "
                     f"access, so remove it (pass credentials through storage_options instead)"

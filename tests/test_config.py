@@ -207,6 +207,51 @@ def test_cross_field_problems_reported_together():
     assert "train.batch_size=7" in msg
 
 
+# --- storage options: no credentials in a run config ----------------------------------------------
+
+
+def test_storage_options_reject_credentials_and_say_where_they_go():
+    with pytest.raises(ConfigError) as exc:
+        load_config(
+            overrides=[
+                "publish.storage_options={key: AKIAXXXX, secret: s3cr3t-value}",
+                "data.storage_options={client_kwargs: {endpoint_url: 'http://s3:9000', "
+                "aws_secret_access_key: s3cr3t-nested}}",
+            ]
+        )
+    msg = str(exc.value)
+    assert "publish.storage_options" in msg and "key, secret" in msg
+    assert "data.storage_options" in msg and "client_kwargs.aws_secret_access_key" in msg
+    assert "AWS_ACCESS_KEY_ID" in msg and "AWS_PROFILE" in msg and "instance role" in msg
+    for value in ("AKIAXXXX", "s3cr3t-value", "s3cr3t-nested"):
+        assert value not in msg  # the rejection itself must not print the secret
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"token": "t"},
+        {"password": "p"},
+        {"client_kwargs": {"aws_session_token": "t"}},
+        {"config_kwargs": {"nested": [{"api_key": "k"}]}},
+    ],
+)
+def test_storage_options_reject_nested_and_listed_credentials(options):
+    from core.config import DataConfig, PublishConfig
+
+    for cls in (DataConfig, PublishConfig):
+        with pytest.raises(ValueError, match="secret-looking") as exc:
+            cls(storage_options=options)
+        assert "input_value" not in str(exc.value)  # pydantic would otherwise echo the dict
+
+
+def test_storage_options_allow_non_secret_options():
+    opts = "{anon: false, client_kwargs: {endpoint_url: 'http://s3:9000'}, config_kwargs: {s3: {addressing_style: path}}}"
+    cfg = load_config(overrides=[f"publish.storage_options={opts}", f"data.storage_options={opts}"])
+    assert cfg.publish.storage_options["client_kwargs"] == {"endpoint_url": "http://s3:9000"}
+    assert cfg.data.storage_options["anon"] is False
+
+
 # --- derived values -------------------------------------------------------------------------------
 
 
