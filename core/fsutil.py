@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -9,30 +10,67 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an orphan with our pid is from an earlier process (pids repeat in containers)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def _orphans(dest: Path) -> list[Path]:
+    """``.<name>.old-<pid>`` dirs left by writers that died between the two renames, newest first."""
+    found = []
+    for p in dest.parent.glob(f".{dest.name}.old-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and not (pid.isdigit() and _pid_alive(int(pid))):  # a live writer is mid-swap
+            found.append(p)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _recover(dest: Path) -> None:
+    orphans = _orphans(dest)
+    if orphans and not dest.exists():
+        log.warning("%s was missing; restoring the copy a crashed writer left at %s", dest, orphans[0])
+        os.replace(orphans.pop(0), dest)
+    for stale in orphans:  # dest is whole, so these are superseded copies
+        shutil.rmtree(stale, ignore_errors=True)
+
 
 @contextmanager
 def writing_dir(dest: str | Path) -> Iterator[Path]:
     """Yield a fresh temp dir beside ``dest``; on success it replaces ``dest``, on error it is removed.
 
-    The previous ``dest`` is renamed aside before the new one moves in and deleted only after, so
-    at no point is there neither (a crash in between leaves the old one under ``.<name>.old-*``).
+    The previous ``dest`` is renamed aside to ``.<name>.old-<pid>`` before the new one moves in and is
+    deleted only after. If the swap fails, the old copy is put back; if the process dies between the
+    two renames, the next ``writing_dir(dest)`` restores it before doing anything else.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _recover(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
+    old = None
     try:
         yield tmp
-        old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(dest, old)
         os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and old.exists() and not dest.exists():
+            os.replace(old, dest)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
