@@ -53,6 +53,9 @@ def training_fingerprint(cfg: RunConfig) -> str:
         exclude={"retries", "retry_delay_s", "timeout_s", "save_every", "keep_last", "log_every", "launcher"},
     )
     t.update(node_rank=None, master_addr=None, master_port=None, hostfile=None)
+    if cfg.train.deepspeed_config and Path(cfg.train.deepspeed_config).is_file():
+        # The file's content decides the ZeRO layout of the checkpoint, not its name.
+        t["deepspeed_config"] = hashlib.sha256(Path(cfg.train.deepspeed_config).read_bytes()).hexdigest()
     relevant = {
         "method": cfg.method,
         "model": cfg.model.model_dump(mode="json"),
@@ -62,6 +65,16 @@ def training_fingerprint(cfg: RunConfig) -> str:
         "train": t,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(train_data: str | Path) -> str:
+    """The content hash of a prepared split (the prepare stage's cache key), so that a run resumed
+    or re-run on changed data under the same path is detected."""
+    report = Path(train_data).parent / "prepare_report.json"
+    if report.is_file():
+        return json.loads(report.read_text())["fingerprint"]
+    state = Path(train_data) / "state.json"  # a split saved some other way: datasets' own fingerprint
+    return json.loads(state.read_text()).get("_fingerprint", "") if state.is_file() else ""
 
 
 def list_complete(ckpt_root: Path) -> list[Checkpoint]:
@@ -81,17 +94,25 @@ def list_complete(ckpt_root: Path) -> list[Checkpoint]:
     return sorted(out, key=lambda c: c.step)
 
 
-def latest_complete(ckpt_root: Path, fingerprint: str | None = None) -> Checkpoint | None:
-    """The newest complete checkpoint; raises if it was written by another configuration."""
+def latest_complete(
+    ckpt_root: Path, fingerprint: str | None = None, data: str | None = None
+) -> Checkpoint | None:
+    """The newest complete checkpoint; raises if it was written by another configuration or on
+    other training data (``data``: :func:`data_fingerprint` of the split this run trains on)."""
     done = list_complete(ckpt_root)
     if not done:
         return None
     last = done[-1]
+    fix = f"resume with the original config and data, or start fresh under a new run name (or delete {ckpt_root})"
     if fingerprint is not None and last.meta.get("fingerprint") != fingerprint:
         raise CheckpointMismatchError(
             f"checkpoint {last.path} was written by a different training configuration "
-            f"(fingerprint {last.meta.get('fingerprint')} != {fingerprint}); resume with the original "
-            f"config, or start fresh under a new run name (or delete {ckpt_root})"
+            f"(fingerprint {last.meta.get('fingerprint')} != {fingerprint}); {fix}"
+        )
+    if data is not None and last.meta.get("data_fingerprint", data) != data:
+        raise CheckpointMismatchError(
+            f"checkpoint {last.path} was trained on different data (prepared-data fingerprint "
+            f"{str(last.meta.get('data_fingerprint'))[:12]} != {data[:12]}); {fix}"
         )
     return last
 

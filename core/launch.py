@@ -45,6 +45,23 @@ class TrainingFailed(RuntimeError):
         self.retryable = retryable
 
 
+# Failures a retry cannot fix: bad config or data (ValueError covers ConfigError, DataError,
+# PreflightError, CheckpointMismatchError, AdapterError), divergence, a missing input file.
+NOT_RETRYABLE = (ValueError, FloatingPointError, FileNotFoundError)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether retrying the train stage (which resumes) can help after ``exc``."""
+    if isinstance(exc, TrainingFailed):
+        return exc.retryable
+    return not isinstance(exc, NOT_RETRYABLE)
+
+
+def node_rank(cfg: RunConfig) -> int:
+    """This node's rank: ``train.node_rank`` or ``NODE_RANK`` as cluster schedulers set it."""
+    return cfg.train.node_rank if cfg.train.node_rank is not None else int(os.environ.get("NODE_RANK", 0))
+
+
 def resolve_launcher(cfg: RunConfig) -> str:
     """``auto``: one LoRA/QLoRA process runs as a plain subprocess; anything else under torchrun."""
     if cfg.train.launcher != "auto":
@@ -59,7 +76,7 @@ def device_count() -> tuple[str, int]:
     return "cpu", os.cpu_count() or 1
 
 
-def preflight(cfg: RunConfig, run_dir: str | Path) -> None:
+def preflight(cfg: RunConfig, run_dir: str | Path, train_data: str | Path | None = None) -> None:
     """Every check that can fail before launch, reported together.
 
     Raises:
@@ -92,7 +109,8 @@ def preflight(cfg: RunConfig, run_dir: str | Path) -> None:
             "train.launcher='inprocess' cannot run method 'full' (DeepSpeed); use auto or torchrun"
         )
     try:
-        ckpt.latest_complete(Path(run_dir) / "checkpoints", ckpt.training_fingerprint(cfg))
+        data = ckpt.data_fingerprint(train_data) if train_data is not None else None
+        ckpt.latest_complete(Path(run_dir) / "checkpoints", ckpt.training_fingerprint(cfg), data)
     except ckpt.CheckpointMismatchError as e:
         problems.append(str(e))
     if problems:
@@ -107,7 +125,7 @@ def build_command(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -
     launcher = resolve_launcher(cfg)
     if launcher in ("python", "inprocess"):
         return [sys.executable, *script]
-    node_rank = t.node_rank if t.node_rank is not None else int(os.environ.get("NODE_RANK", 0))
+    rank = node_rank(cfg)
     addr = t.master_addr or os.environ.get("MASTER_ADDR")
     port = t.master_port or int(os.environ.get("MASTER_PORT", 29500))
     if launcher == "deepspeed":
@@ -121,7 +139,7 @@ def build_command(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -
                 )
             argv += ["--num_nodes", str(t.num_nodes), "--master_addr", addr, "--master_port", str(port)]
             if not t.hostfile:  # each node started by the scheduler, no ssh fan-out
-                argv += ["--no_ssh", "--node_rank", str(node_rank)]
+                argv += ["--no_ssh", "--node_rank", str(rank)]
         else:
             argv += ["--master_port", str(port)] if t.master_port else []
         return [*argv, "--module", "core.train", *script[2:]]
@@ -138,7 +156,7 @@ def build_command(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -
             "--nnodes",
             str(t.num_nodes),
             "--node_rank",
-            str(node_rank),
+            str(rank),
             "--master_addr",
             addr,
             "--master_port",
@@ -255,7 +273,7 @@ def run_training(
         TrainingFailed: the process failed; ``retryable`` says whether a retry (which resumes) may help.
     """
     run_dir = Path(run_dir)
-    preflight(cfg, run_dir)
+    preflight(cfg, run_dir, train_data)
     if resolve_launcher(cfg) == "inprocess":
         from core.train import train
 
@@ -274,4 +292,7 @@ def run_training(
         raise TrainingFailed(
             f"training exited with code {rc}: {detail}", retryable=info.get("retryable", True)
         )
-    return json.loads((run_dir / "train_summary.json").read_text())
+    summary = run_dir / "train_summary.json"
+    if node_rank(cfg) != 0 and not summary.is_file():  # rank 0 writes it, on node 0's disk
+        return {"method": cfg.method, "node_rank": node_rank(cfg), "output_dir": None}
+    return json.loads(summary.read_text())

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -46,7 +47,7 @@ from core.adapter import adapter_params, save_adapter
 from core.config import RunConfig, read_resolved
 from core.data import collate, load_split
 from core.fsutil import writing_dir
-from core.launch import ERROR_FILE, set_pdeathsig
+from core.launch import ERROR_FILE, is_retryable, set_pdeathsig
 from core.lora import count_parameters, inject_lora
 from core.modeling import load_model, load_tokenizer, pick_device, resolve_source
 
@@ -373,10 +374,17 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines past the resumed step, so the file reads as one uninterrupted run."""
+    """Keep metric lines up to the step training restarts from (none for a fresh start), so the file
+    reads as one uninterrupted run; a line torn by a kill mid-write is dropped too."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     tmp.replace(path)
@@ -391,7 +399,9 @@ def _build_model(cfg: RunConfig, source: str, device: torch.device, ds_config: d
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
     quant = cfg.quant if cfg.method == "qlora" else None
-    model = load_model(cfg.model, source=source, quant=quant, device=device if ds_config is None else None)
+    # DeepSpeed places the model itself, but 4-bit weights are quantized where they will live.
+    on_device = ds_config is None or quant is not None
+    model = load_model(cfg.model, source=source, quant=quant, device=device if on_device else None)
     model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -437,15 +447,16 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
     """
     run_dir = Path(run_dir)
     env = DistEnv.from_environ()
-    fingerprint = ckpt.training_fingerprint(cfg)
+    fingerprint, data_fp = ckpt.training_fingerprint(cfg), ckpt.data_fingerprint(train_data)
     summary_path = run_dir / SUMMARY
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        if summary.get("fingerprint") == fingerprint and Path(summary["output_dir"]).exists():
+        same = (summary.get("fingerprint"), summary.get("data_fingerprint")) == (fingerprint, data_fp)
+        if same and Path(summary["output_dir"]).exists():
             log.info("training already finished (%s); nothing to do", summary_path)
             return TrainResult(Path(summary["output_dir"]), summary)
     ckpt_root = run_dir / "checkpoints"
-    resume = ckpt.latest_complete(ckpt_root, fingerprint)  # raises on a config mismatch
+    resume = ckpt.latest_complete(ckpt_root, fingerprint, data_fp)  # raises on a config or data mismatch
 
     use_ds = cfg.method == "full" or env.world_size > 1
     if use_ds:
@@ -457,7 +468,7 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         # Before anything reads the world size (HfDeepSpeedConfig validates batch sizes against it).
         deepspeed.init_distributed()
     if env.world_size != cfg.world_size:
-        raise RuntimeError(
+        raise ValueError(
             f"launched with WORLD_SIZE={env.world_size} but the config asks for {cfg.world_size} processes "
             "(train.num_processes x train.num_nodes); launch through core.launch"
         )
@@ -492,8 +503,9 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         ckpt.load_rng(resume.path, env.rank)
         start = resume.step
         if env.is_main:
-            _truncate_metrics(metrics_path, start)
             log.info("resumed from %s (step %d of %d)", resume.path, start, total)
+    if env.is_main:
+        _truncate_metrics(metrics_path, start)
     if env.is_main:
         log.info(
             "training %s: %d steps, %d rows, batch %d (micro %d x accum %d x %d ranks), %s, %s trainable of %s",
@@ -558,7 +570,8 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
                         rec["tokens_per_s"],
                     )
             if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
-                _save_checkpoint(backend, ckpt_root, done, fingerprint, cfg)
+                meta = {"fingerprint": fingerprint, "data_fingerprint": data_fp, "method": cfg.method}
+                _save_checkpoint(backend, ckpt_root, done, meta, cfg.train.keep_last)
     bar.close()
     out = _save_final(backend, cfg, run_dir, source, tokenizer)
     backend.barrier()
@@ -578,6 +591,7 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         "zero_stage": backend.stage if use_ds else None,  # the DeepSpeed config file may set it
         "precision": precision,
         "fingerprint": fingerprint,
+        "data_fingerprint": data_fp,
     }
     if env.is_main:
         tmp = summary_path.with_suffix(".tmp")
@@ -587,13 +601,11 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
     return TrainResult(out, summary)
 
 
-def _save_checkpoint(backend: _Backend, root: Path, step: int, fingerprint: str, cfg: RunConfig) -> None:
+def _save_checkpoint(backend: _Backend, root: Path, step: int, meta: dict, keep_last: int) -> None:
     env = backend.env
     path = root / ckpt.step_dir_name(step)
     if env.is_main:
         if path.exists():  # a torn write of this same step from a killed attempt
-            import shutil
-
             shutil.rmtree(path)
         path.mkdir(parents=True)
     backend.barrier()
@@ -603,9 +615,9 @@ def _save_checkpoint(backend: _Backend, root: Path, step: int, fingerprint: str,
     if env.is_main:
         ckpt.mark_complete(
             path,
-            {"step": step, "fingerprint": fingerprint, "world_size": env.world_size, "method": cfg.method},
+            {"step": step, "world_size": env.world_size, **meta},
         )
-        ckpt.prune(root, cfg.train.keep_last)
+        ckpt.prune(root, keep_last)
         log.info("checkpoint %s complete", path)
     backend.barrier()
 
@@ -646,8 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         train(read_resolved(args.run_dir), args.run_dir, args.train_data)
     except Exception as e:
         if env.is_main:  # the supervisor reads this to decide whether a retry can help
-            retryable = not isinstance(e, (ValueError, FloatingPointError, FileNotFoundError))
-            err = {"type": type(e).__name__, "message": str(e), "retryable": retryable}
+            err = {"type": type(e).__name__, "message": str(e), "retryable": is_retryable(e)}
             (Path(args.run_dir) / ERROR_FILE).write_text(json.dumps(err))
         raise
     return 0

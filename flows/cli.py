@@ -71,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
 def _brief(result: dict) -> dict:
     out = {
         "run_dir": result["run_dir"],
-        "train": {k: result["train"][k] for k in ("steps", "final_loss", "wall_time_s")},
+        "train": {k: result["train"].get(k) for k in ("steps", "final_loss", "wall_time_s")},
     }
     if "eval" in result:
         out["exact_match"] = {
             s: result["eval"][s]["exact_match"] for s in ("base", "tuned") if s in result["eval"]
         }
     if "merge" in result:
-        out["merge_max_logit_gap"] = result["merge"]["max_logit_gap"]
+        out["merge_max_logit_gap"] = result["merge"].get("max_logit_gap")
     if "publish" in result:
         out["published"] = result["publish"]["uri"]
     return out

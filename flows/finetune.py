@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from core.config import RUN_CONFIG_NAME, load_config, write_resolved
+from core.launch import node_rank
 from tasks.evaluate import evaluate
 from tasks.merge import merge
 from tasks.prepare import prepare
@@ -30,15 +31,22 @@ def finetune(config: str | None = None, overrides: list[str] | None = None) -> d
     logger = get_run_logger()
     logger.info("run %s (%s) in %s", cfg.name, cfg.method, run_dir)
 
-    data = prepare(run_dir)
+    # Multi-node: the flow runs on every node (started by the cluster's scheduler); each prepares its
+    # own copy of the data and launches its ranks; node 0 alone evaluates, merges and publishes.
+    node = node_rank(cfg) if cfg.train.num_nodes > 1 else 0
+    data = prepare(run_dir, "data" if node == 0 else f"data-node{node}")
     trained = train.with_options(retries=cfg.train.retries, retry_delay_seconds=cfg.train.retry_delay_s)(
         run_dir, data["train_dir"]
     )
     out: dict = {"run_dir": run_dir, "data": data, "train": trained}
+    if node != 0:
+        logger.info("node %d: training done; node 0 evaluates, merges and publishes", node)
+        return out
     if cfg.eval.enabled and data["eval_dir"]:
         out["eval"] = evaluate(run_dir, data["eval_dir"], trained["output_dir"])
     if cfg.method != "full" and cfg.merge.enabled:
-        out["merge"] = merge(run_dir, trained["output_dir"], data["eval_dir"])
+        # The gap compares merged with adapter-on-base logits: training rows serve when there is no eval split.
+        out["merge"] = merge(run_dir, trained["output_dir"], data["eval_dir"] or data["train_dir"])
     if cfg.publish.enabled:
         out["publish"] = publish(run_dir, _sources(cfg, run_dir, out), _metadata(cfg, out))
     return out
@@ -46,10 +54,13 @@ def finetune(config: str | None = None, overrides: list[str] | None = None) -> d
 
 def _sources(cfg, run_dir: str, out: dict) -> dict[str, str]:
     run = Path(run_dir)
-    sources = {RUN_CONFIG_NAME: run / RUN_CONFIG_NAME}
-    for name in ("eval.json", "train_summary.json", "merge_report.json", "data/prepare_report.json"):
-        if (run / name).is_file():
-            sources[Path(name).name] = run / name
+    sources = {RUN_CONFIG_NAME: run / RUN_CONFIG_NAME, "train_summary.json": run / "train_summary.json"}
+    sources["prepare_report.json"] = Path(out["data"]["report_path"])
+    # Only what this flow run produced: a stale report from an earlier run of the name never ships.
+    if "eval" in out:
+        sources["eval.json"] = run / "eval.json"
+    if "merge" in out:
+        sources["merge_report.json"] = run / "merge_report.json"
     trained = Path(out["train"]["output_dir"])
     include = set(cfg.publish.include or ["adapter", "merged", "model"])
     if cfg.method == "full":
@@ -65,6 +76,7 @@ def _sources(cfg, run_dir: str, out: dict) -> dict[str, str]:
 
 def _metadata(cfg, out: dict) -> dict:
     meta: dict = {"run": cfg.name, "method": cfg.method, "base_model": cfg.model.name_or_path}
+    meta["data_fingerprint"] = out["data"]["fingerprint"]
     t = out["train"]
     meta["train"] = {k: t[k] for k in ("steps", "final_loss", "trainable_share", "wall_time_s") if k in t}
     if "eval" in out:

@@ -10,10 +10,10 @@ from core.modeling import load_tokenizer
 
 
 @task(name="prepare", retries=0)
-def prepare(run_dir: str) -> dict:
+def prepare(run_dir: str, subdir: str = "data") -> dict:
     """Returns the PreparedData fields as strings and counts."""
     cfg = read_resolved(run_dir)
-    data = prepare_dataset(cfg.data, load_tokenizer(cfg.model), f"{run_dir}/data")
+    data = prepare_dataset(cfg.data, load_tokenizer(cfg.model), f"{run_dir}/{subdir}")
     get_run_logger().info(
         "prepared %d train / %d eval rows (%s)", data.num_train, data.num_eval, data.fingerprint[:12]
     )

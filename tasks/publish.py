@@ -6,13 +6,22 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from core.config import read_resolved
-from core.store import PublishError
+from core.store import PublishError, StoreUnavailableError
 from core.store import publish as publish_version
+from tasks._retry import retry_when
 
 STATE = "publish_state.json"
 
 
-@task(name="publish", retries=2, retry_delay_seconds=5)
+def _transient(exc: BaseException) -> bool:
+    """An interrupted upload or an unreachable store may pass; a taken version, a bad name or a
+    missing local file will not."""
+    if isinstance(exc, (PublishError, StoreUnavailableError)):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+
+
+@task(name="publish", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_when(_transient))
 def publish(run_dir: str, sources: dict[str, str], metadata: dict) -> dict:
     """Returns the PublishResult (model, version, uri, manifest sha256, files)."""
     cfg = read_resolved(run_dir).publish

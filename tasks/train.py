@@ -2,22 +2,12 @@
 
 from prefect import get_run_logger, task
 
-from core.config import ConfigError, read_resolved
-from core.data import DataError
-from core.launch import PreflightError, TrainingFailed, run_training
+from core.config import read_resolved
+from core.launch import is_retryable, run_training
+from tasks._retry import retry_when
 
-
-def retryable(task, task_run, state) -> bool:
-    """Retry crashes and lost ranks; never bad config or bad data, which fail the same way again."""
-    try:
-        state.result()
-    except TrainingFailed as e:
-        return e.retryable
-    except (PreflightError, ConfigError, DataError):
-        return False
-    except Exception:
-        return True
-    return False
+# Crashes and lost ranks are retried; bad config, bad data and divergence fail the same way again.
+retryable = retry_when(is_retryable)
 
 
 @task(name="train", retry_condition_fn=retryable)
@@ -25,7 +15,11 @@ def train(run_dir: str, train_data: str) -> dict:
     """Returns train_summary.json (output_dir, steps, loss, wall time, peak memory, trainable share)."""
     logger = get_run_logger()
     summary = run_training(read_resolved(run_dir), run_dir, train_data, on_line=logger.info)
-    logger.info(
-        "trained %s: %d steps, final loss %.4f", summary["method"], summary["steps"], summary["final_loss"]
-    )
+    if "steps" in summary:
+        logger.info(
+            "trained %s: %d steps, final loss %.4f",
+            summary["method"],
+            summary["steps"],
+            summary["final_loss"],
+        )
     return summary

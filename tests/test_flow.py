@@ -146,3 +146,26 @@ def test_train_task_retry_resumes_from_the_last_checkpoint(
     train_runs = [r for r in runs if r.name.startswith("train")]
     assert len(train_runs) == 1 and train_runs[0].run_count == 2  # one task run, retried once
     assert Path(result["publish"]["uri"], "manifest.json").is_file()
+
+
+def test_rerun_without_eval_split_publishes_only_what_it_produced(prefect_harness, run_config, tmp_path):
+    from core.config import to_yaml
+    from flows.finetune import finetune
+
+    first = run_config("name=rerun", "train.max_steps=2")
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(first))
+    one = finetune(config=str(path))
+    assert "eval" in one and (first.run_dir / "eval.json").is_file()
+
+    # Same run name, no eval split and eval off: the merge gap is still measured (on training rows),
+    # and the first run's eval.json, still in the run directory, must not ship with this version.
+    two = finetune(
+        config=str(path), overrides=["data.eval_fraction=0", "eval.enabled=false", "train.max_steps=3"]
+    )
+    assert two["data"]["eval_dir"] is None and "eval" not in two
+    assert two["merge"]["max_logit_gap"] < 1e-4
+    manifest = json.loads(Path(two["publish"]["uri"], "manifest.json").read_text())
+    paths = {f["path"] for f in manifest["files"]}
+    assert "eval.json" not in paths and "merge_report.json" in paths
+    assert "eval" not in manifest["metadata"] and manifest["metadata"]["train"]["steps"] == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -411,3 +412,37 @@ def test_gradient_checkpointing_trains_lora_to_the_same_losses(run_config):
         ]
         assert all(t.abs().sum() > 0 for t in b), "some lora_B never received a gradient"
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_changed_data_under_the_same_path_retrains_and_refuses_old_checkpoints(run_config, tmp_path):
+    rows = [
+        {"instruction": "Say a colour.", "input": "", "output": c}
+        for c in ["red", "blue", "green", "pink"] * 4
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = run_config("name=data-change", f"data.path={data}", "train.max_steps=4", "train.save_every=2")
+    first = train(cfg, cfg.run_dir, _prepare(cfg)).summary
+
+    data.write_text("".join(json.dumps({**r, "output": r["output"].upper()}) + "\n" for r in rows))
+    split = _prepare(cfg)
+    assert ckpt.data_fingerprint(split) != first["data_fingerprint"]
+    # Checkpoint step 2 is from the old data: resuming from it would continue on other rows.
+    with pytest.raises(ckpt.CheckpointMismatchError, match="different data"):
+        train(cfg, cfg.run_dir, split)
+    with pytest.raises(PreflightError, match="different data"):
+        preflight(cfg, cfg.run_dir, split)
+    # Without old checkpoints, the finished run is not taken for this one: it trains again.
+    shutil.rmtree(cfg.run_dir / "checkpoints")
+    second = train(cfg, cfg.run_dir, split).summary
+    assert second["data_fingerprint"] != first["data_fingerprint"] and second["resumed_from_step"] is None
+
+
+def test_fresh_start_drops_metrics_of_a_killed_attempt_including_a_torn_line(run_config):
+    cfg = run_config("name=torn-metrics", "train.max_steps=3")
+    data = _prepare(cfg)
+    # An attempt killed before its first checkpoint left two steps and half a line behind.
+    (cfg.run_dir / METRICS).write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n{"step": 3, "lo')
+    train(cfg, cfg.run_dir, data)
+    assert [r["step"] for r in _metrics(cfg.run_dir)] == [1, 2, 3]
+    assert all(r["loss"] < 8.0 for r in _metrics(cfg.run_dir))
