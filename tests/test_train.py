@@ -446,3 +446,18 @@ def test_fresh_start_drops_metrics_of_a_killed_attempt_including_a_torn_line(run
     train(cfg, cfg.run_dir, data)
     assert [r["step"] for r in _metrics(cfg.run_dir)] == [1, 2, 3]
     assert all(r["loss"] < 8.0 for r in _metrics(cfg.run_dir))
+
+
+def test_modules_to_save_train_and_ship_with_the_adapter(run_config):
+    from core.adapter import load_adapter
+    from core.modeling import load_model
+
+    cfg = run_config("name=mts", "train.max_steps=3", "lora.modules_to_save=[lm_head]")
+    train(cfg, cfg.run_dir, _prepare(cfg))
+    sd = load_file(cfg.run_dir / "adapter" / "adapter_model.safetensors")
+    base = load_model(cfg.model)
+    trained_head = sd["base_model.model.lm_head.weight"]
+    assert trained_head.shape == base.lm_head.weight.shape
+    assert not torch.equal(trained_head, base.lm_head.weight)  # it trained, fully
+    load_adapter(base, cfg.run_dir / "adapter")
+    assert torch.equal(base.lm_head.weight.detach(), trained_head)
