@@ -95,6 +95,7 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # off unless the user opts in: remote code runs with our privileges
     attn_implementation: str | None = None
+    storage_options: StorageOptions = Field(default_factory=dict)  # for an s3:// (fsspec) name_or_path
 
 
 class DataConfig(_Strict):

@@ -19,7 +19,7 @@ from core.adapter import load_adapter
 from core.config import EvalConfig, RunConfig
 from core.data import collate, load_split
 from core.lora import disable_adapters
-from core.modeling import load_model, load_tokenizer, pick_device, resolve_source
+from core.modeling import load_model, load_tokenizer, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,7 @@ def evaluate(
     else:
         # One model: the base is the same weights with the adapters bypassed (for QLoRA, the same
         # 4-bit base the adapter was trained on).
-        model = load_model(
-            cfg.model, source=resolve_source(cfg.model.name_or_path), quant=quant, device=device
-        )
+        model = load_model(cfg.model, quant=quant, device=device)
         load_adapter(model, trained)
         if cfg.eval.compare_base:
             with disable_adapters(model):

@@ -19,7 +19,7 @@ from core.data import collate, load_split
 from core.evaluate import heldout_loss
 from core.fsutil import writing_dir
 from core.lora import merge_and_unload
-from core.modeling import DTYPES, load_model, load_tokenizer, resolve_source
+from core.modeling import DTYPES, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _vs_4bit(cfg: RunConfig, adapter_dir, merged_dir, batch, rows, pad_id: int) 
     the original weights removes (for better or worse), not a merge defect."""
     from transformers import AutoModelForCausalLM
 
-    trained = load_model(cfg.model, source=resolve_source(cfg.model.name_or_path), quant=cfg.quant)
+    trained = load_model(cfg.model, quant=cfg.quant)
     load_adapter(trained, adapter_dir)
     trained.eval()
     merged = AutoModelForCausalLM.from_pretrained(
@@ -102,9 +102,7 @@ def merge(
     """
     run_dir = Path(run_dir)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(
-        cfg.model, source=resolve_source(cfg.model.name_or_path), dtype=DTYPES[cfg.merge.dtype]
-    )
+    model = load_model(cfg.model, dtype=DTYPES[cfg.merge.dtype])
     load_adapter(model, adapter_dir)
     model.eval()
     rows = list(load_split(eval_data))[:GAP_ROWS] if eval_data else []

@@ -24,6 +24,10 @@ def resolve_source(name_or_path: str, *, storage_options: dict | None = None) ->
     """Map ``builtin:*`` to the built tiny model and ``s3://``/fsspec URIs to a local cached copy.
 
     Hub ids and local paths come back unchanged: ``from_pretrained`` handles them.
+
+    Args:
+        name_or_path: hub id, local dir, ``file://`` path, fsspec URI or ``builtin:tiny-llama``.
+        storage_options: fsspec options for a remote URI (``ModelConfig.storage_options``).
     """
     from core.tiny import resolve_model_path
 
@@ -32,25 +36,75 @@ def resolve_source(name_or_path: str, *, storage_options: dict | None = None) ->
     return resolve_model_path(name_or_path.removeprefix("file://"))
 
 
+_VERSION_FIELDS = (
+    "ETag",
+    "etag",
+    "md5Hash",
+    "generation",
+    "mtime",
+    "LastModified",
+    "last_modified",
+    "created",
+)
+
+
+def _remote_listing(fs, root: str) -> list[tuple[str, int, str]]:
+    """(relative path, size, ETag or mtime) of every file under ``root``, sorted."""
+    fs.invalidate_cache(root)  # s3fs keeps listings per instance, and fsspec reuses instances
+    prefix = root.rstrip("/") + "/"
+    listing = []
+    for path, info in fs.find(root, detail=True).items():
+        if info.get("type", "file") != "file" or not path.startswith(prefix):
+            continue
+        version = next((info[k] for k in _VERSION_FIELDS if info.get(k) is not None), "")
+        listing.append((path[len(prefix) :], int(info.get("size") or 0), str(version)))
+    return sorted(listing)
+
+
 def _fetch_remote_dir(uri: str, storage_options: dict) -> Path:
-    """Copy a model directory from an fsspec URI into the cache once (keyed by URI)."""
+    """Copy a model directory from an fsspec URI into the cache, keyed by the URI and its file listing.
+
+    The listing (path, size, ETag or mtime) is part of the key, so a model rewritten at the same URI
+    is fetched anew instead of served stale from the cache.
+    """
+    import json
+    import shutil
+    import tempfile
+
     import fsspec
 
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+    listing = _remote_listing(fs, root)
+    if not listing:
+        raise FileNotFoundError(
+            f"no files under {uri}: expected a model directory (config.json, *.safetensors); check "
+            f"model.name_or_path and model.storage_options, and that credentials are in the environment"
+        )
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:16]
     dest = cache_root() / "remote-models" / key
     if (dest / ".complete").exists():
         return dest
-    fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
-    (tmp / ".complete").write_text(uri)
-    if dest.exists():  # another process won the race; keep theirs
-        import shutil
-
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=dest.parent))
+    try:
+        locals_ = [tmp / rel for rel, _, _ in listing]
+        for local in locals_:
+            local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get([f"{root.rstrip('/')}/{rel}" for rel, _, _ in listing], [str(p) for p in locals_])
+        got = sorted((rel, p.stat().st_size) for (rel, _, _), p in zip(listing, locals_, strict=True))
+        if got != [(rel, size) for rel, size, _ in listing]:
+            raise RuntimeError(f"{uri} changed while it was being downloaded; run again")
+        (tmp / ".complete").write_text(json.dumps({"uri": uri, "files": listing}))
+        if dest.exists() and not (dest / ".complete").exists():
+            shutil.rmtree(dest, ignore_errors=True)  # not ours to finish: only complete dirs move in
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / ".complete").exists():
+                raise
+            log.info("%s was fetched concurrently by another process; using that copy", uri)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
     return dest
 
 
@@ -58,7 +112,7 @@ def load_tokenizer(cfg: ModelConfig, source: str | None = None):
     """The tokenizer of ``cfg`` (or ``cfg.tokenizer``); a pad token is set to EOS when missing."""
     from transformers import AutoTokenizer
 
-    src = source or resolve_source(cfg.tokenizer or cfg.name_or_path)
+    src = source or resolve_source(cfg.tokenizer or cfg.name_or_path, storage_options=cfg.storage_options)
     tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -84,7 +138,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    src = source or resolve_source(cfg.name_or_path)
+    src = source or resolve_source(cfg.name_or_path, storage_options=cfg.storage_options)
     torch_dtype = dtype or DTYPES[cfg.dtype]
     kwargs = {}
     if cfg.attn_implementation:

@@ -237,9 +237,9 @@ def test_storage_options_reject_credentials_and_say_where_they_go():
     ],
 )
 def test_storage_options_reject_nested_and_listed_credentials(options):
-    from core.config import DataConfig, PublishConfig
+    from core.config import DataConfig, ModelConfig, PublishConfig
 
-    for cls in (DataConfig, PublishConfig):
+    for cls in (DataConfig, ModelConfig, PublishConfig):
         with pytest.raises(ValueError, match="secret-looking") as exc:
             cls(storage_options=options)
         assert "input_value" not in str(exc.value)  # pydantic would otherwise echo the dict
