@@ -283,8 +283,16 @@ class RunConfig(_Strict):
             problems.append(
                 "publish.include has 'merged' but merge.enabled is false; drop it or enable merge"
             )
-        if self.publish.enabled and "adapter" in include and self.method == "full":
-            problems.append("publish.include has 'adapter' but method 'full' trains no adapter; use 'model'")
+        # flows/finetune.py publishes what the method produced: lora/qlora an adapter and a merged
+        # model, full the model. Any other name would publish nothing or something else.
+        valid = ["model"] if self.method == "full" else ["adapter", "merged"]
+        wrong = [x for x in self.publish.include or [] if x not in valid]
+        if self.publish.enabled and wrong:
+            produces = "the whole model" if self.method == "full" else "an adapter and a merged model"
+            problems.append(
+                f"publish.include has {', '.join(map(repr, wrong))} but method {self.method!r} produces "
+                f"{produces}; valid values are {valid}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -207,6 +207,36 @@ def test_cross_field_problems_reported_together():
     assert "train.batch_size=7" in msg
 
 
+@pytest.mark.parametrize(
+    ("method", "include", "wrong", "valid"),
+    [
+        ("lora", "[model]", "'model'", "['adapter', 'merged']"),
+        ("qlora", "[adapter, model]", "'model'", "['adapter', 'merged']"),
+        ("full", "[merged]", "'merged'", "['model']"),
+        ("full", "[adapter, model]", "'adapter'", "['model']"),
+    ],
+)
+def test_publish_include_must_name_what_the_method_produces(method, include, wrong, valid):
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=[f"method={method}", f"publish.include={include}"])
+    msg = str(exc.value)
+    assert f"publish.include has {wrong} but method '{method}'" in msg
+    assert f"valid values are {valid}" in msg
+
+
+@pytest.mark.parametrize(
+    ("method", "include"),
+    [("lora", "[adapter]"), ("lora", "[adapter, merged]"), ("qlora", "[merged]"), ("full", "[model]")],
+)
+def test_publish_include_accepts_what_the_method_produces(method, include):
+    cfg = load_config(overrides=[f"method={method}", f"publish.include={include}"])
+    assert cfg.publish.include == include.strip("[]").split(", ")
+
+
+def test_publish_include_is_not_checked_when_publish_is_disabled():
+    assert load_config(overrides=["method=lora", "publish.include=[model]", "publish.enabled=false"])
+
+
 # --- storage options: no credentials in a run config ----------------------------------------------
 
 
