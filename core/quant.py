@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from core.config import QuantConfig
+from core.modeling import DTYPES
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _INSTALL_HINT = (
     "bitsandbytes is not installed, and method 'qlora' needs it for 4-bit base weights: "

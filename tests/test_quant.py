@@ -279,3 +279,10 @@ def test_missing_bitsandbytes_says_how_to_install(monkeypatch, base):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
     with pytest.raises(ImportError, match="pip install"):
         quantize_model(copy.deepcopy(base), QuantConfig())
+
+
+def test_dtype_names_map_through_one_table():
+    import core.modeling
+    import core.quant
+
+    assert core.quant.DTYPES is core.modeling.DTYPES  # one mapping, so config dtype names cannot drift
