@@ -405,8 +405,10 @@ def test_s3_source_through_moto(tmp_path, tok, moto_s3, caplog):  # noqa: F811
     fs = s3fs.S3FileSystem(**moto_s3.storage_options, skip_instance_cache=True)
     uri = f"s3://{moto_s3.bucket}/data/train.jsonl"
     fs.put_file(str(f), uri)
+    # A run config may not hold credentials: key/secret come from the AWS_* env the fixture sets.
+    options = {"client_kwargs": {"endpoint_url": moto_s3.endpoint_url}}
     with caplog.at_level(logging.DEBUG, logger="core.data"):
-        remote = prep(tmp_path, tok, out="s3", path=uri, storage_options=moto_s3.storage_options)
+        remote = prep(tmp_path, tok, out="s3", path=uri, storage_options=options)
     local = prep(tmp_path, tok, out="local", path=str(f))
     assert remote.fingerprint == local.fingerprint  # the same bytes
     assert rows_of(remote.train_dir) == rows_of(local.train_dir) and remote.num_train == 6
@@ -417,7 +419,7 @@ def test_s3_source_through_moto(tmp_path, tok, moto_s3, caplog):  # noqa: F811
             tmp_path,
             tok,
             path=f"s3://{moto_s3.bucket}/missing.jsonl",
-            storage_options=moto_s3.storage_options,
+            storage_options=options,
         )
 
 
