@@ -24,7 +24,7 @@ from typing import Any
 import datasets
 import torch
 
-from core.config import DataConfig
+from core.config import DataConfig, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -469,10 +469,15 @@ def _fingerprint(cfg: DataConfig, tokenizer_id: str, train: _Source, eval_src: _
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def cache_root(cfg: DataConfig, cache_dir: str | Path | None = None) -> Path:
-    """``<cache_dir or cfg.cache_dir or $DELTATUNE_CACHE or ~/.cache/deltatune>/data``."""
-    root = cache_dir or cfg.cache_dir or os.environ.get("DELTATUNE_CACHE") or "~/.cache/deltatune"
-    return Path(root).expanduser() / "data"
+def data_cache_dir(cfg: DataConfig, cache_dir: str | Path | None = None) -> Path:
+    """Directory of tokenized splits: ``<cache_dir or cfg.cache_dir>/data``, else ``cache_root()/data``.
+
+    Args:
+        cfg: the data section; its ``cache_dir`` applies when ``cache_dir`` is not given.
+        cache_dir: overrides ``cfg.cache_dir``; the default is ``$DELTATUNE_CACHE`` or ~/.cache/deltatune.
+    """
+    root = cache_dir or cfg.cache_dir
+    return (Path(root).expanduser() if root else cache_root()) / "data"
 
 
 def _split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -555,7 +560,7 @@ def prepare_dataset(
 ) -> PreparedData:
     """Validate, tokenise and split ``cfg.path`` (and ``cfg.eval_path``), reusing the content-hash cache.
 
-    The splits are built once per fingerprint under ``cache_root(cfg, cache_dir)/<fingerprint>/`` and
+    The splits are built once per fingerprint under ``data_cache_dir(cfg, cache_dir)/<fingerprint>/`` and
     copied into ``out_dir`` (``train/``, ``eval/``, ``prepare_report.json``) so a run directory is
     self-contained.
 
@@ -578,7 +583,7 @@ def prepare_dataset(
     train_src = _open_source(cfg.path, cfg.storage_options)
     eval_src = _open_source(cfg.eval_path, cfg.storage_options) if cfg.eval_path else None
     fingerprint = _fingerprint(cfg, tokenizer_identity(tokenizer), train_src, eval_src)
-    cached = cache_root(cfg, cache_dir) / fingerprint
+    cached = data_cache_dir(cfg, cache_dir) / fingerprint
     hit = (cached / REPORT_NAME).is_file()
     if hit:
         logger.info("data cache hit %s (%s)", fingerprint[:12], cached)

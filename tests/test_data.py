@@ -377,6 +377,19 @@ def test_cache_hit_skips_tokenisation(tmp_path, tok, monkeypatch):
     assert (second.num_train, second.num_eval) == (8, 2)
 
 
+def test_data_cache_dir_precedence(tmp_path, monkeypatch):
+    from core.data import data_cache_dir
+
+    cfg = DataConfig(cache_dir=str(tmp_path / "cfg"))
+    assert data_cache_dir(cfg, tmp_path / "arg") == tmp_path / "arg" / "data"
+    assert data_cache_dir(cfg) == tmp_path / "cfg" / "data"
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "env"))
+    assert data_cache_dir(DataConfig()) == tmp_path / "env" / "data"
+    monkeypatch.delenv("DELTATUNE_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_cache_dir(DataConfig()) == tmp_path / "home" / ".cache" / "deltatune" / "data"
+
+
 def test_cache_miss_on_content_config_or_tokenizer_change(tmp_path, tok, tok_plain):
     f = _numbered(tmp_path, 5)
     base = prep(tmp_path, tok, path=str(f)).fingerprint
