@@ -30,6 +30,28 @@ from tests.s3_fixtures import moto_s3, moto_server  # noqa: E402,F401  (fixtures
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tiny_llama(seed: int = 0, **overrides):
+    """A random tiny Llama, fp32, in eval mode; ``overrides`` go to LlamaConfig.
+
+    Every size is a multiple of 32, which bitsandbytes' CPU 4-bit kernels need (shared/FACTS.md).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**kw)).float().eval()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Prefect's database in a temp dir; tests share one data/model cache (DELTATUNE_CACHE if set)."""

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import core.adapter as adapter_mod
 from core.adapter import (
@@ -20,23 +19,9 @@ from core.adapter import (
 )
 from core.config import LoraConfig
 from core.lora import inject_lora, lora_modules
+from tests.conftest import tiny_llama
 
 BASE = "tiny-llama-test"
-
-
-def tiny_llama(seed: int = 0, **over) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    kw = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=False,
-    )
-    kw.update(over)
-    return LlamaForCausalLM(LlamaConfig(**kw)).float().eval()
 
 
 @pytest.fixture

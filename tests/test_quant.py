@@ -11,34 +11,24 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from core.config import LoraConfig, QuantConfig
 from core.lora import LoRALinear, inject_lora, lora_modules
 from core.quant import dequantize_linear4bit, is_4bit_linear, quantize_model
+from tests.conftest import tiny_llama
 
-# bitsandbytes' CPU 4-bit kernels want multiples of 32 (shared/FACTS.md); every size here is one.
-TINY = LlamaConfig(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=256,
-    tie_word_embeddings=False,
-)
 LINEARS_PER_LAYER = 7  # q k v o gate up down
 
 
 @pytest.fixture(scope="module")
 def base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(TINY).float().eval()
+    return tiny_llama(seed=0)  # every size a multiple of 32, as bitsandbytes' CPU kernels want
 
 
 @pytest.fixture(scope="module")
-def batch() -> torch.Tensor:
-    return torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+def batch(base) -> torch.Tensor:
+    return torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
 def _quantized(base: nn.Module, **kw) -> tuple[nn.Module, object]:
@@ -129,7 +119,7 @@ def test_adapter_gradients_match_dequantized_reference(base, batch, order):
         call(model, batch)
     got = _adapter_grads(model, batch)
     want = _adapter_grads(ref, batch)
-    assert set(got) == set(want) and len(got) == 2 * LINEARS_PER_LAYER * TINY.num_hidden_layers
+    assert set(got) == set(want) and len(got) == 2 * LINEARS_PER_LAYER * base.config.num_hidden_layers
     for name, g in got.items():
         assert g.abs().sum() > 0, f"{name}: zero gradient, the check would be vacuous"
         torch.testing.assert_close(
@@ -141,7 +131,7 @@ def test_adapter_gradients_match_dequantized_reference(base, batch, order):
 
 def test_quantize_model_replaces_every_linear_but_the_head(base):
     model, report = _quantized(base)
-    n = LINEARS_PER_LAYER * TINY.num_hidden_layers
+    n = LINEARS_PER_LAYER * base.config.num_hidden_layers
     assert report.num_quantized == n and report.skipped == ["lm_head"]
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert sum(is_4bit_linear(m) for m in linears.values()) == n
