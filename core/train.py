@@ -414,7 +414,7 @@ def _build_model(cfg: RunConfig, source: str, device: torch.device, ds_config: d
     return model
 
 
-def _save_final(backend: _Backend, cfg: RunConfig, run_dir: Path, source: str, tokenizer) -> Path:
+def _save_final(backend: _Backend, cfg: RunConfig, run_dir: Path, tokenizer) -> Path:
     model, env = backend.model, backend.env
     zero3 = isinstance(backend, DeepSpeedBackend) and backend.stage == 3
     if cfg.method == "full":
@@ -484,7 +484,7 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
     # token count from the data order alone, without a collective.
     row_tokens = torch.tensor([sum(t != -100 for t in labels[1:]) for labels in rows["labels"]])
     total = total_steps(cfg, num_rows)
-    source = resolve_source(cfg.model.name_or_path)
+    source = resolve_source(cfg.model.name_or_path, storage_options=cfg.model.storage_options)
     tokenizer = load_tokenizer(cfg.model)
     ds_config = deepspeed_config(cfg, precision) if use_ds else None
     model = _build_model(cfg, source, device, ds_config)
@@ -573,7 +573,7 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
                 meta = {"fingerprint": fingerprint, "data_fingerprint": data_fp, "method": cfg.method}
                 _save_checkpoint(backend, ckpt_root, done, meta, cfg.train.keep_last)
     bar.close()
-    out = _save_final(backend, cfg, run_dir, source, tokenizer)
+    out = _save_final(backend, cfg, run_dir, tokenizer)
     backend.barrier()
     summary = {
         "method": cfg.method,
