@@ -146,6 +146,21 @@ class LoRALinear(nn.Module):
         self.merged = False
 
 
+def _adapter_grads(g2d, x, h_t, b_w, s: float, need_h: bool, need_a: bool, need_b: bool):
+    """The adapter's share of a backward, every skinny GEMM as (r, ·) @ (·, ·) (see _LoRAAddInPlace).
+
+    Returns (s·(g @ B)ᵀ of shape (r, N) or None, grad of A (r, in) or None, grad of B (out, r) or None).
+    """
+    gh_t = grad_a = grad_b = None
+    if need_h:
+        gh_t = torch.mm(b_w.t(), g2d.t()).mul_(s)  # (r, out) @ (out, N) -> (r, N) = s·(g @ B)ᵀ
+        if need_a:
+            grad_a = torch.mm(gh_t, x.reshape(-1, x.shape[-1]))  # (r, N) @ (N, in) -> (r, in)
+    if need_b:
+        grad_b = torch.mm(h_t, g2d).mul_(s).t().contiguous()  # (r, N) @ (N, out) -> (out, r)
+    return gh_t, grad_a, grad_b
+
+
 class _LoRAAddInPlace(torch.autograd.Function):
     """out += s·(x @ Aᵀ) @ Bᵀ in place, with GEMM layouts chosen for the r-sized operands.
 
@@ -176,15 +191,8 @@ class _LoRAAddInPlace(torch.autograd.Function):
         s = ctx.scaling
         g2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
         need_x, need_a, need_b = ctx.needs_input_grad[1:4]
-        grad_x = grad_a = grad_b = None
-        if need_x or need_a:
-            gh_t = torch.mm(b_w.t(), g2d.t()).mul_(s)  # (r, out) @ (out, N) -> (r, N) = s·(g @ B)ᵀ
-            if need_a:
-                grad_a = torch.mm(gh_t, x.reshape(-1, x.shape[-1]))  # (r, N) @ (N, in) -> (r, in)
-            if need_x:
-                grad_x = torch.mm(gh_t.t(), a_w).view(x.shape)  # (N, r) @ (r, in) -> (..., in)
-        if need_b:
-            grad_b = torch.mm(h_t, g2d).mul_(s).t().contiguous()  # (r, N) @ (N, out) -> (out, r)
+        gh_t, grad_a, grad_b = _adapter_grads(g2d, x, h_t, b_w, s, need_x or need_a, need_a, need_b)
+        grad_x = torch.mm(gh_t.t(), a_w).view(x.shape) if need_x else None  # (N, r) @ (r, in) -> (..., in)
         return grad, grad_x, grad_a, grad_b, None
 
 
@@ -213,15 +221,10 @@ class _LoRALinearFn(torch.autograd.Function):
         s = ctx.scaling
         g2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_x = grad_a = grad_b = None
-        if need_x or need_a:
-            gh_t = torch.mm(b_w.t(), g2d.t()).mul_(s)  # (r, out) @ (out, N) -> (r, N) = s·(g @ B)ᵀ
-            if need_a:
-                grad_a = torch.mm(gh_t, x.reshape(-1, x.shape[-1]))  # (r, N) @ (N, in) -> (r, in)
-            if need_x:
-                grad_x = torch.mm(g2d, w).addmm_(gh_t.t(), a_w).view(x.shape)  # g @ W + (N, r) @ (r, in)
-        if need_b:
-            grad_b = torch.mm(h_t, g2d).mul_(s).t().contiguous()  # (r, N) @ (N, out) -> (out, r)
+        gh_t, grad_a, grad_b = _adapter_grads(g2d, x, h_t, b_w, s, need_x or need_a, need_a, need_b)
+        grad_x = None
+        if need_x:
+            grad_x = torch.mm(g2d, w).addmm_(gh_t.t(), a_w).view(x.shape)  # g @ W + (N, r) @ (r, in)
         return grad_x, None, None, grad_a, grad_b, None
 
 
