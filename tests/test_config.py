@@ -16,6 +16,7 @@ from core.config import (
     read_resolved,
     write_resolved,
 )
+from tests.conftest import REPO
 
 
 def _write(tmp_path, text: str, name: str = "run.yaml"):
@@ -351,3 +352,11 @@ def test_yaml_1_1_words_stay_strings(tmp_path):
     path.write_text("name: yes\nmerge:\n  enabled: false\n")
     cfg = load_config(path)
     assert cfg.name == "yes" and cfg.merge.enabled is False
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "deploy" / "runs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_run_configs_validate(path):
+    cfg = load_config(path)
+    assert "deltatune run deploy/runs/" + path.name in path.read_text()  # each starts with its command
+    if cfg.train.deepspeed_config:
+        assert (REPO / cfg.train.deepspeed_config).is_file()
