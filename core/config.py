@@ -173,7 +173,7 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
     save_every: NonNegInt = 50  # optimizer steps between step checkpoints; 0 disables them
     keep_last: PositiveInt = 2
-    log_every: PositiveInt = 1
+    log_every: PositiveInt = 10  # steps between log lines (metrics.jsonl gets every step)
     # Launch (method full always runs under DeepSpeed; lora/qlora may run in-process on one CPU/GPU).
     num_processes: PositiveInt = 1  # per node
     num_nodes: PositiveInt = 1

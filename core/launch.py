@@ -208,9 +208,11 @@ def run_supervised(
     cwd: str | Path | None = None,
     timeout_s: float | None = None,
     tail: int = 40,
+    on_tick: Callable[[], None] | None = None,
 ) -> tuple[int, list[str]]:
     """Run ``argv`` in its own process group, streaming each output line to ``on_line``.
 
+    ``on_tick`` is called about 5 times a second while the process runs (e.g. to draw progress).
     Returns (exit code, last ``tail`` lines). Any exception here (timeout, KeyboardInterrupt, a
     cancelled task) kills the whole group before it propagates.
     """
@@ -250,6 +252,8 @@ def run_supervised(
                 raise TimeoutError(
                     f"training exceeded train.timeout_s={timeout_s:g}s; killed its process group"
                 )
+            if on_tick is not None:
+                on_tick()
             time.sleep(0.2)
         kill_group(proc, grace_s=0)  # the leader exited: no straggler may hold the pipe open
         reader.join(timeout=30)  # every buffered line reaches on_line before we return
@@ -261,6 +265,48 @@ def run_supervised(
     finally:
         reader.join(timeout=5)
     return proc.returncode, list(last)
+
+
+class _MetricsProgress:
+    """A terminal progress bar for a training subprocess, fed by the metrics.jsonl it appends to
+    (the ranks have no terminal of their own: their output is piped into the run log)."""
+
+    def __init__(self, path: Path, total: int, initial: int = 0):
+        from tqdm import tqdm
+
+        self.path, self.offset = path, 0
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, run_dir: Path, train_data: str | Path) -> _MetricsProgress | None:
+        report = Path(train_data).parent / "prepare_report.json"
+        if not report.is_file():
+            return None
+        from core.train import METRICS, total_steps
+
+        total = total_steps(cfg, json.loads(report.read_text())["train"])
+        return cls(Path(run_dir) / METRICS, total)
+
+    def tick(self) -> None:
+        try:
+            if self.path.stat().st_size < self.offset:  # rewritten on resume: start over
+                self.offset = 0
+            with self.path.open() as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        done = chunk[: chunk.rfind("\n") + 1]  # whole lines only
+        self.offset += len(done)
+        for line in done.splitlines():
+            rec = json.loads(line)
+            self.bar.n = rec["step"]
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+        if done:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run_training(
@@ -285,7 +331,14 @@ def run_training(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    rc, tail = run_supervised(argv, on_line=on_line, env=env, timeout_s=cfg.train.timeout_s)
+    progress = _MetricsProgress.for_run(cfg, run_dir, train_data) if sys.stderr.isatty() else None
+    try:
+        rc, tail = run_supervised(
+            argv, on_line=on_line, env=env, timeout_s=cfg.train.timeout_s, on_tick=progress and progress.tick
+        )
+    finally:
+        if progress is not None:
+            progress.close()
     if rc != 0:
         info = json.loads(err_file.read_text()) if err_file.is_file() else {}
         detail = f"{info['type']}: {info['message']}" if info else "\n".join(tail[-15:])

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--pretrain-steps", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
 
     if args.cmd == "make-tiny-model":
         from core.tiny import make_tiny_model

@@ -401,3 +401,23 @@ def test_train_task_retry_predicate():
     assert decide(TrainingFailed("exited with code -9", retryable=True)) is True
     assert decide(RuntimeError("rank lost")) is True
     assert decide(TimeoutError("train.timeout_s exceeded")) is True
+
+
+def test_terminal_progress_follows_metrics_across_a_resume(tmp_path):
+    from core.launch import _MetricsProgress
+
+    metrics = tmp_path / "metrics.jsonl"
+    progress = _MetricsProgress(metrics, total=10)
+    progress.tick()  # no file yet
+    assert progress.bar.n == 0
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    progress.tick()
+    assert progress.bar.n == 2  # the torn third line is not read yet
+    with metrics.open("a") as f:
+        f.write('ss": 1.2}\n')
+    progress.tick()
+    assert progress.bar.n == 3
+    metrics.write_text('{"step": 1, "loss": 2.0}\n')  # a restart rewrote the file shorter
+    progress.tick()
+    assert progress.bar.n == 1
+    progress.close()
