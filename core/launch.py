@@ -284,7 +284,10 @@ class _MetricsProgress:
             return None
         from core.train import METRICS, total_steps
 
-        total = total_steps(cfg, json.loads(report.read_text())["train"])
+        try:
+            total = total_steps(cfg, json.loads(report.read_text())["train"])
+        except ValueError:  # too few rows: the training process reports that itself
+            return None
         return cls(Path(run_dir) / METRICS, total)
 
     def tick(self) -> None:
