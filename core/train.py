@@ -391,7 +391,6 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def _build_model(cfg: RunConfig, source: str, device: torch.device, ds_config: dict | None) -> nn.Module:
-    hf_ds = None
     if ds_config and ds_config["zero_optimization"].get("stage") == 3 and cfg.method == "full":
         # Keeps from_pretrained partitioning weights as they load (zero.Init), so a model larger than
         # one device's memory can be loaded at all. Must stay referenced while loading.
@@ -408,9 +407,7 @@ def _build_model(cfg: RunConfig, source: str, device: torch.device, ds_config: d
         if cfg.method != "full":
             model.enable_input_require_grads()  # the frozen embeddings' output must carry grad
     if cfg.method != "full":
-        inject_lora(model, cfg.lora)
-        if device.type == "cuda" and ds_config is None:
-            model.to(device)
+        inject_lora(model, cfg.lora)  # adapters are created on their base weight's device
     return model
 
 

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import tiny
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo"
 # Small and quick: a handful of pretraining steps is enough to lower the held-out loss from its init value.
 FAST = dict(
