@@ -186,6 +186,9 @@ class _Backend:
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Release what the backend holds beyond Python objects (DeepSpeed's hooks and buffers)."""
+
 
 class PlainBackend(_Backend):
     """One process: torch AdamW, LambdaLR, autocast on GPUs, clipping, accumulation."""
@@ -354,6 +357,9 @@ class DeepSpeedBackend(_Backend):
         import torch.distributed as dist
 
         dist.barrier()
+
+    def close(self):
+        self.engine.destroy()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -572,6 +578,7 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
     bar.close()
     out = _save_final(backend, cfg, run_dir, tokenizer)
     backend.barrier()
+    backend.close()
     summary = {
         "method": cfg.method,
         "output_dir": str(out),
@@ -658,7 +665,22 @@ def main(argv: list[str] | None = None) -> int:
             err = {"type": type(e).__name__, "message": str(e), "retryable": is_retryable(e)}
             (Path(args.run_dir) / ERROR_FILE).write_text(json.dumps(err))
         raise
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Leave the rank group together and in order before the interpreter exits.
+
+    Without this, a rank that finishes first closes its sockets while a peer's gloo threads are still
+    joinable; the peer then dies in its C++ teardown ("terminate called without an active exception",
+    SIGABRT) after a run that succeeded, and the launcher reports the whole run failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
