@@ -343,21 +343,28 @@ def test_kill_resume_exact_skips_torn_checkpoint_no_orphans(make_run, tmp_path: 
 def test_launcher_killed_during_startup_leaves_no_rank(make_run, tmp_path: Path):
     """Ranks still importing torch when the launcher dies must die too (they used to be orphaned).
 
-    Killed 0.5 s after the ranks exec: past interpreter start-up (a residual window of milliseconds
-    before the death signal is armed) and well within the seconds of imports that follow.
+    Killed once both ranks have begun loading libtorch: past the death signal, which is armed before
+    torch is imported, and well within the seconds of imports that follow. Waiting on that event
+    rather than on a fixed delay keeps the test honest on a loaded machine.
     """
     cfg, train_dir = make_run("method=lora", "name=early")
     proc = launch_detached(cfg, train_dir, tmp_path / "early.log")
 
-    def ranks() -> list[int]:
-        return [p for p in rank_processes(cfg.run_dir) if p != proc.pid]
+    def importing_torch() -> list[int]:
+        found = []
+        for pid in rank_processes(cfg.run_dir):
+            try:
+                if pid != proc.pid and "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+                    found.append(pid)
+            except OSError:  # exited meanwhile
+                pass
+        return found
 
     try:
         deadline = time.monotonic() + 120
-        while len(ranks()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(ranks()) == 2, (tmp_path / "early.log").read_text()[-3000:]
-        time.sleep(0.5)
+        while len(importing_torch()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(importing_torch()) == 2, (tmp_path / "early.log").read_text()[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
