@@ -500,11 +500,16 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         backend = PlainBackend(model, cfg, total, device, precision)
 
     start = 0
+    # Counters of the steps before this attempt, carried in the checkpoint's meta so that the summary
+    # covers the whole run, not the last attempt (time lost between a checkpoint and a kill is not counted).
+    tokens_before, seconds_before = 0, 0.0
     metrics_path = run_dir / METRICS
     if resume is not None:
         backend.load(resume.path)
         ckpt.load_rng(resume.path, env.rank)
         start = resume.step
+        tokens_before = int(resume.meta.get("tokens", 0))
+        seconds_before = float(resume.meta.get("train_time_s", 0.0))
         if env.is_main:
             log.info("resumed from %s (step %d of %d)", resume.path, start, total)
     if env.is_main:
@@ -573,7 +578,13 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
                         rec["tokens_per_s"],
                     )
             if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
-                meta = {"fingerprint": fingerprint, "data_fingerprint": data_fp, "method": cfg.method}
+                meta = {
+                    "fingerprint": fingerprint,
+                    "data_fingerprint": data_fp,
+                    "method": cfg.method,
+                    "tokens": tokens_before + tokens_total,
+                    "train_time_s": round(seconds_before + time.perf_counter() - t_start, 3),
+                }
                 _save_checkpoint(backend, ckpt_root, done, meta, cfg.train.keep_last)
     bar.close()
     out = _save_final(backend, cfg, run_dir, tokenizer)
@@ -585,9 +596,10 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         "steps": total,
         "resumed_from_step": start if resume else None,
         "final_loss": last_loss,
-        "wall_time_s": round(time.perf_counter() - t_start, 2),
-        "tokens": tokens_total,
-        "peak_mem_mb": round(_peak_memory_mb(device), 1),
+        "wall_time_s": round(seconds_before + time.perf_counter() - t_start, 2),  # every attempt
+        "attempt_wall_time_s": round(time.perf_counter() - t_start, 2),
+        "tokens": tokens_before + tokens_total,  # trained over all steps 1..total
+        "peak_mem_mb": round(_peak_memory_mb(device), 1),  # this attempt's
         "trainable_params": trainable,
         "total_params": n_total,
         "trainable_share": trainable / n_total,

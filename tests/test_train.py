@@ -388,6 +388,11 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(run_config, tm
     assert [s for s, _, _ in losses_b] == list(range(1, 11))  # one line per step, step 7 not doubled
     assert losses_b == losses_a  # exact: fp32 CPU, model/optimizer/scheduler/RNG/data position restored
     assert result.summary["final_loss"] == summary_a["final_loss"]  # unrounded
+    # The summary counts the whole run: steps 1-6 from the checkpoint, 7-10 from this attempt.
+    assert (
+        result.summary["tokens"] == summary_a["tokens"] == sum(r["tokens"] for r in _metrics(cfg_b.run_dir))
+    )
+    assert result.summary["wall_time_s"] > result.summary["attempt_wall_time_s"] > 0
 
     wa = load_file(str(next((cfg_a.run_dir / "adapter").glob("*.safetensors"))))
     wb = load_file(str(next((cfg_b.run_dir / "adapter").glob("*.safetensors"))))
