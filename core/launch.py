@@ -264,6 +264,8 @@ def run_supervised(
         raise
     finally:
         reader.join(timeout=5)
+        if not reader.is_alive():  # else the reader still owns the pipe; the daemon thread ends with it
+            proc.stdout.close()
     return proc.returncode, list(last)
 
 

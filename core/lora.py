@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -74,28 +75,41 @@ class LoRALinear(nn.Module):
         a_w, b_w = self.lora_A.weight, self.lora_B.weight
         if not (self.merged or self.disabled) and self._fusable(x):
             base = self.base_layer
-            return _LoRALinearFn.apply(x, base.weight, base.bias, a_w, b_w, self.scaling)
+            if type(base) is nn.Linear:
+                return _LoRALinearFn.apply(x, base.weight, base.bias, a_w, b_w, self.scaling, None)
+            unpack = partial(base.dequantized_weight, x.dtype)  # a 4-bit base, dequantized on demand
+            return _LoRALinearFn.apply(x, None, base.bias, a_w, b_w, self.scaling, unpack)
         out = self.base_layer(x)  # (..., out); called as a module so hooks (ZeRO-3 gathers) run
         if self.merged or self.disabled:
             return out
         if x.dtype != a_w.dtype:
             x = x.to(a_w.dtype)
         x = self.lora_dropout(x)  # nn.Identity at dropout 0: returns x itself, no copy
-        if out.dtype != b_w.dtype or not out.is_contiguous():  # e.g. bf16 4-bit compute: no fusion
+        # Add out of place when the base output cannot take it in place: another dtype (a bf16 4-bit
+        # compute dtype), or a view, which autograd forbids modifying when a custom Function made it
+        # (bitsandbytes' MatMul4Bit with a bias on 3-D input) and which gains nothing otherwise.
+        if out.dtype != b_w.dtype or not out.is_contiguous() or out._is_view():
             return out + (F.linear(F.linear(x, a_w), b_w) * self.scaling).to(out.dtype)
         return _LoRAAddInPlace.apply(out, x, a_w, b_w, self.scaling)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """Base and adapter in one autograd node: a plain frozen nn.Linear nobody hooks, same dtypes.
+        """Base and adapter in one autograd node: a frozen nn.Linear, or a 4-bit base computing in x's
+        dtype (``dequantized_weight``, core.quant.QLinear4bit), that nobody hooks, dtypes all equal.
 
-        Anything else (4-bit or ZeRO-3-partitioned bases, hooks on the base, a trainable base, mixed
-        dtypes, dropout) calls ``base_layer`` as a module and adds the adapter after it.
+        Anything else (ZeRO-3-partitioned bases, hooks on the base, a trainable base, mixed dtypes such
+        as a bf16 4-bit compute dtype under fp32 adapters, dropout) calls ``base_layer`` as a module and
+        adds the adapter after it.
         """
         base, w = self.base_layer, self.base_layer.weight
+        if type(base) is nn.Linear:
+            w_dtype = w.dtype
+        elif callable(getattr(base, "dequantized_weight", None)):
+            w_dtype = getattr(base, "compute_dtype", None) or x.dtype
+        else:
+            return False
         return (
-            type(base) is nn.Linear
-            and not w.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
+            not w.requires_grad
+            and (base.bias is None or (not base.bias.requires_grad and base.bias.dtype == x.dtype))
             and not hasattr(w, "ds_id")  # DeepSpeed ZeRO-3 gathers it in the module's hooks
             and not (
                 base._forward_hooks
@@ -105,7 +119,7 @@ class LoRALinear(nn.Module):
             )
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
             and isinstance(self.lora_dropout, nn.Identity)
-            and x.dtype == w.dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype
+            and x.dtype == w_dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
         )
 
@@ -201,17 +215,20 @@ class _LoRALinearFn(torch.autograd.Function):
 
     One node instead of two: the input gradient is one buffer, ``g @ W`` then ``addmm_`` of the adapter's
     share, instead of two (N, in) tensors summed by autograd. Saves x, hᵀ (r, N) and the weights, as the
-    two-node path does.
+    two-node path does. For a packed (4-bit) base, ``w`` is None and ``unpack()`` returns the dense W:
+    it runs in forward and again in backward, so only the packed weight stays alive in between (as in
+    bitsandbytes' ``MatMul4Bit``), and the adapter add costs no extra node or (N, out) buffer.
     """
 
     @staticmethod
-    def forward(ctx, x, w, bias, a_w, b_w, scaling):
+    def forward(ctx, x, w, bias, a_w, b_w, scaling, unpack):
+        dense = w if unpack is None else unpack()  # (out, in)
         x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-        out = torch.mm(x2d, w.t()) if bias is None else torch.addmm(bias, x2d, w.t())  # (N, out), as F.linear
+        out = torch.mm(x2d, dense.t()) if bias is None else torch.addmm(bias, x2d, dense.t())  # (N, out)
         h_t = torch.mm(a_w, x2d.t())  # (r, in) @ (in, N) -> (r, N) = hᵀ
         out.addmm_(h_t.t(), b_w.t(), alpha=scaling)  # += s·(N, r) @ (r, out)
         ctx.save_for_backward(x, h_t, w, a_w, b_w)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.unpack = scaling, unpack
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -224,8 +241,9 @@ class _LoRALinearFn(torch.autograd.Function):
         gh_t, grad_a, grad_b = _adapter_grads(g2d, x, h_t, b_w, s, need_x or need_a, need_a, need_b)
         grad_x = None
         if need_x:
-            grad_x = torch.mm(g2d, w).addmm_(gh_t.t(), a_w).view(x.shape)  # g @ W + (N, r) @ (r, in)
-        return grad_x, None, None, grad_a, grad_b, None
+            dense = w if ctx.unpack is None else ctx.unpack()
+            grad_x = torch.mm(g2d, dense).addmm_(gh_t.t(), a_w).view(x.shape)  # g @ W + (N, r) @ (r, in)
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 # ----------------------------------------------------------------------------------------------------

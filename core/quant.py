@@ -82,7 +82,7 @@ class QLinear4bit(_Linear4bitBase):
     has no such limit.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _quant_state(self):
         _fix_quant_state(self)
         qs = self.weight.quant_state
         if getattr(qs, "packing_format_for_cpu", False):  # repacked by plain Linear4bit code elsewhere
@@ -90,6 +90,18 @@ class QLinear4bit(_Linear4bitBase):
                 "this 4-bit layer was repacked by bitsandbytes' CPU inference path, which loses its "
                 "exact scales and has no backward; reload the base model and quantize it again"
             )
+        return qs
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense (out, in) weight this layer computes with, as a new ``dtype`` tensor.
+
+        LoRALinear's fused path calls it in forward and again in backward, as ``MatMul4Bit`` does, so
+        that no full-size weight stays alive between the two.
+        """
+        return bnb.functional.dequantize_4bit(self.weight.data, self._quant_state()).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qs = self._quant_state()
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         out = bnb.matmul_4bit(x.to(dtype), self.weight, quant_state=qs, bias=bias)  # (..., in) -> (..., out)

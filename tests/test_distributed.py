@@ -2,7 +2,8 @@
 
     .venv/bin/pytest tests/test_distributed.py -m slow
 
-Full fine-tuning under ZeRO-2 and ZeRO-3, LoRA under ZeRO-3, single-process vs 2-rank equivalence,
+Full fine-tuning under ZeRO-2 and ZeRO-3, LoRA under ZeRO-3, QLoRA under ZeRO-2, single-process vs
+2-rank equivalence,
 exact kill-and-resume past a torn checkpoint, and no rank process left behind.
 """
 
@@ -206,6 +207,29 @@ def test_lora_zero3_adapter_complete(make_run):
     with torch.no_grad():
         theirs_logits = theirs(input_ids=IDS).logits
     torch.testing.assert_close(theirs_logits, ours_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_two_ranks_zero2_follow_the_single_process_run(make_run):
+    """QLoRA across ranks: each rank quantizes its own copy of the base (NF4, double quantization),
+    DeepSpeed partitions only the adapter's optimizer state; the trajectory must be the one process's."""
+    from safetensors.torch import load_file
+
+    from core.adapter import WEIGHTS_NAME, check_adapter_tensors
+
+    common = ("method=qlora", "train.lr=1e-2", "train.max_steps=6")
+    one, train_dir = make_run(*common, "name=q-one", "train.num_processes=1", "train.grad_accum=2")
+    two, _ = make_run(*common, "name=q-two", "train.zero_stage=2")
+    s1, s2 = train(one, train_dir), train(two, train_dir)
+    assert (s1["world_size"], s1["zero_stage"], s2["world_size"], s2["zero_stage"]) == (1, None, 2, 2)
+    a, b = losses(one.run_dir), losses(two.run_dir)
+    print(f"one process {a}\ntwo ranks   {b}")
+    assert a[-1] < a[0] - 0.1, a
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5, (a, b)
+    wa, wb = (load_file(str(Path(s["output_dir"]) / WEIGHTS_NAME)) for s in (s1, s2))
+    assert wa.keys() == wb.keys()
+    check_adapter_tensors(wb, sorted(wb), require_trained=True)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------

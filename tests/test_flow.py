@@ -169,3 +169,37 @@ def test_rerun_without_eval_split_publishes_only_what_it_produced(prefect_harnes
     paths = {f["path"] for f in manifest["files"]}
     assert "eval.json" not in paths and "merge_report.json" in paths
     assert "eval" not in manifest["metadata"] and manifest["metadata"]["train"]["steps"] == 3
+
+
+def test_qlora_flow_trains_on_4bit_merges_in_full_precision_and_publishes(
+    prefect_harness, run_config, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from core.adapter import WEIGHTS_NAME, check_adapter_tensors
+    from core.config import to_yaml
+    from flows.finetune import finetune
+
+    cfg = run_config("name=qlora", "method=qlora", "train.max_steps=12", "train.lr=5e-3")
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(cfg))
+    result = finetune(config=str(path))
+
+    losses = [json.loads(line)["loss"] for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    sd = load_file(str(cfg.run_dir / "adapter" / WEIGHTS_NAME))
+    check_adapter_tensors(sd, sorted(sd), require_trained=True)
+    scores = json.loads((cfg.run_dir / "eval.json").read_text())
+    assert scores["tuned"]["loss"] < scores["base"]["loss"]  # both on the 4-bit base the adapter trained on
+
+    report = result["merge"]
+    # The merge itself is exact (full-precision base + s*B*A vs adapter on that base) ...
+    assert report["max_logit_gap"] < 1e-4
+    # ... while the merged model differs from the 4-bit model that was trained: the NF4 error, reported.
+    vs4 = report["vs_4bit_trained"]
+    assert vs4["max_logit_gap"] > 1e-3 and all(
+        isinstance(vs4[k], float) for k in ("loss_4bit_trained", "loss_merged", "loss_gap")
+    )
+    manifest = json.loads(Path(result["publish"]["uri"], "manifest.json").read_text())
+    paths = {f["path"] for f in manifest["files"]}
+    assert f"adapter/{WEIGHTS_NAME}" in paths and "merged/model.safetensors" in paths, paths

@@ -265,6 +265,50 @@ def test_lora_wraps_quantized_base_with_fp32_adapters(base):
     assert m.lora_A.weight.dtype == torch.float32 and m.lora_A.weight.requires_grad
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_fused_4bit_path_equals_the_module_path(bias):
+    """An fp32-compute 4-bit base runs base and adapter in one node (dequantized in forward and again
+    in backward); the same layer forced through the module path (a hook on its base) must agree."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(128, 96, bias=bias))
+    quantize_model(net, QuantConfig(compute_dtype="float32"))
+    inject_lora(net, LoraConfig(r=8, target_modules=["0"]))
+    layer = net[0]
+    layer.lora_B.weight.data.normal_(0.0, 0.1)
+    x = torch.randn(3, 7, 128)
+    assert layer._fusable(x)
+    g = torch.randn(3, 7, 96)
+
+    def run() -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        grads = torch.autograd.grad((y * g).sum(), [xi, layer.lora_A.weight, layer.lora_B.weight])
+        return [y.detach(), *grads]
+
+    fused = run()
+    handle = layer.base_layer.register_forward_hook(lambda *a: None)
+    try:
+        assert not layer._fusable(x)
+        module_path = run()
+    finally:
+        handle.remove()
+    for f, m in zip(fused, module_path, strict=True):
+        torch.testing.assert_close(f, m, rtol=1e-5, atol=1e-5)  # same maths, another summation order
+        assert f.abs().max() > 0
+    # the packed weight is all that autograd keeps of the base: no dense (out, in) tensor is saved
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x.clone().requires_grad_(True))
+    assert all(t.shape != (96, 128) for t in saved), [t.shape for t in saved]
+
+
+def test_bf16_compute_4bit_base_is_not_fused_with_fp32_adapters():
+    net = nn.Sequential(nn.Linear(128, 96))
+    quantize_model(net, QuantConfig(compute_dtype="bfloat16"))
+    inject_lora(net, LoraConfig(r=8, target_modules=["0"]))
+    assert not net[0]._fusable(torch.randn(2, 128))
+
+
 def test_missing_bitsandbytes_says_how_to_install(monkeypatch, base):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
     with pytest.raises(ImportError, match="pip install"):
