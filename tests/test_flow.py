@@ -203,3 +203,29 @@ def test_qlora_flow_trains_on_4bit_merges_in_full_precision_and_publishes(
     manifest = json.loads(Path(result["publish"]["uri"], "manifest.json").read_text())
     paths = {f["path"] for f in manifest["files"]}
     assert f"adapter/{WEIGHTS_NAME}" in paths and "merged/model.safetensors" in paths, paths
+
+
+def test_full_finetune_flow_evaluates_and_publishes_the_model_without_a_merge(
+    prefect_harness, run_config, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from core.config import to_yaml
+    from flows.finetune import finetune
+
+    cfg = run_config("name=full", "method=full", "train.max_steps=8", "train.lr=1e-3")
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(cfg))
+    result = finetune(config=str(path))
+
+    assert result["train"]["trainable_share"] == 1.0 and "merge" not in result
+    scores = json.loads((cfg.run_dir / "eval.json").read_text())
+    assert scores["tuned"]["loss"] < scores["base"]["loss"]
+    version = Path(result["publish"]["uri"])
+    manifest = json.loads((version / "manifest.json").read_text())
+    paths = {f["path"] for f in manifest["files"]}
+    assert "model/model.safetensors" in paths and not any(
+        p.startswith(("adapter/", "merged/")) for p in paths
+    )
+    model = AutoModelForCausalLM.from_pretrained(version / "model", use_safetensors=True)
+    assert model.config.num_hidden_layers == 2
