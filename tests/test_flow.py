@@ -28,6 +28,21 @@ def demo_run(prefect_harness, tmp_path_factory):
     return result, tmp
 
 
+def run_flow(cfg, tmp_path: Path, **kwargs):
+    """Write ``cfg`` as the run's YAML and run the finetune flow on it, as a user would."""
+    from core.config import to_yaml
+    from flows.finetune import finetune
+
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(cfg))
+    return finetune(config=str(path), **kwargs)
+
+
+def published_paths(result: dict) -> set[str]:
+    manifest = json.loads(Path(result["publish"]["uri"], "manifest.json").read_text())
+    return {f["path"] for f in manifest["files"]}
+
+
 def test_demo_publishes_a_version_whose_manifest_matches_the_files(demo_run):
     result, tmp = demo_run
     pub = result["publish"]
@@ -149,19 +164,14 @@ def test_train_task_retry_resumes_from_the_last_checkpoint(
 
 
 def test_rerun_without_eval_split_publishes_only_what_it_produced(prefect_harness, run_config, tmp_path):
-    from core.config import to_yaml
-    from flows.finetune import finetune
-
     first = run_config("name=rerun", "train.max_steps=2")
-    path = tmp_path / "run.yaml"
-    path.write_text(to_yaml(first))
-    one = finetune(config=str(path))
+    one = run_flow(first, tmp_path)
     assert "eval" in one and (first.run_dir / "eval.json").is_file()
 
     # Same run name, no eval split and eval off: the merge gap is still measured (on training rows),
     # and the first run's eval.json, still in the run directory, must not ship with this version.
-    two = finetune(
-        config=str(path), overrides=["data.eval_fraction=0", "eval.enabled=false", "train.max_steps=3"]
+    two = run_flow(
+        first, tmp_path, overrides=["data.eval_fraction=0", "eval.enabled=false", "train.max_steps=3"]
     )
     assert two["data"]["eval_dir"] is None and "eval" not in two
     assert two["merge"]["max_logit_gap"] < 1e-4
@@ -177,13 +187,9 @@ def test_qlora_flow_trains_on_4bit_merges_in_full_precision_and_publishes(
     from safetensors.torch import load_file
 
     from core.adapter import WEIGHTS_NAME, check_adapter_tensors
-    from core.config import to_yaml
-    from flows.finetune import finetune
 
     cfg = run_config("name=qlora", "method=qlora", "train.max_steps=12", "train.lr=5e-3")
-    path = tmp_path / "run.yaml"
-    path.write_text(to_yaml(cfg))
-    result = finetune(config=str(path))
+    result = run_flow(cfg, tmp_path)
 
     losses = [json.loads(line)["loss"] for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
@@ -200,8 +206,7 @@ def test_qlora_flow_trains_on_4bit_merges_in_full_precision_and_publishes(
     assert vs4["max_logit_gap"] > 1e-3 and all(
         isinstance(vs4[k], float) for k in ("loss_4bit_trained", "loss_merged", "loss_gap")
     )
-    manifest = json.loads(Path(result["publish"]["uri"], "manifest.json").read_text())
-    paths = {f["path"] for f in manifest["files"]}
+    paths = published_paths(result)
     assert f"adapter/{WEIGHTS_NAME}" in paths and "merged/model.safetensors" in paths, paths
 
 
@@ -210,22 +215,17 @@ def test_full_finetune_flow_evaluates_and_publishes_the_model_without_a_merge(
 ):
     from transformers import AutoModelForCausalLM
 
-    from core.config import to_yaml
-    from flows.finetune import finetune
-
     cfg = run_config("name=full", "method=full", "train.max_steps=8", "train.lr=1e-3")
-    path = tmp_path / "run.yaml"
-    path.write_text(to_yaml(cfg))
-    result = finetune(config=str(path))
+    result = run_flow(cfg, tmp_path)
 
     assert result["train"]["trainable_share"] == 1.0 and "merge" not in result
     scores = json.loads((cfg.run_dir / "eval.json").read_text())
     assert scores["tuned"]["loss"] < scores["base"]["loss"]
-    version = Path(result["publish"]["uri"])
-    manifest = json.loads((version / "manifest.json").read_text())
-    paths = {f["path"] for f in manifest["files"]}
+    paths = published_paths(result)
     assert "model/model.safetensors" in paths and not any(
         p.startswith(("adapter/", "merged/")) for p in paths
     )
-    model = AutoModelForCausalLM.from_pretrained(version / "model", use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        Path(result["publish"]["uri"], "model"), use_safetensors=True
+    )
     assert model.config.num_hidden_layers == 2
