@@ -30,6 +30,9 @@ from core.config import RunConfig
 log = logging.getLogger(__name__)
 
 ERROR_FILE = "train_error.json"
+# Set for torchrun launches to the supervising process's pid: a rank checks it is its grandparent
+# (supervisor -> torchrun -> rank) to detect a launcher that died before the rank armed its death signal.
+SUPERVISOR_PID_ENV = "DELTATUNE_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -336,6 +339,11 @@ def run_training(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop(SUPERVISOR_PID_ENV, None)
+    if (
+        resolve_launcher(cfg) == "torchrun"
+    ):  # its ranks are its own children (the deepspeed launcher's are not)
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
     progress = _MetricsProgress.for_run(cfg, run_dir, train_data) if sys.stderr.isatty() else None
     try:
         rc, tail = run_supervised(

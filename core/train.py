@@ -30,13 +30,28 @@ from pathlib import Path
 from typing import Any
 
 # ruff: noqa: E402  (a rank arms its death signal before the heavy imports below)
+
+
+def _parent_of(pid: int) -> int:
+    """The parent pid of ``pid`` (from /proc), or -1 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) ": state, ppid, ...
+
+
 if __name__ == "__main__" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and sys.platform == "linux":
     # Die with the launcher from the first moment, not only from main(): importing torch and
     # transformers takes seconds, and a launcher killed meanwhile left its ranks running under init
     # (tests/test_distributed.py::test_launcher_killed_during_startup_leaves_no_rank).
     _launcher_pid = os.getppid()
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != _launcher_pid:  # it died before the signal was armed
+    # A launcher that died before that line leaves this rank re-parented, and the signal armed on the
+    # wrong parent. core.launch names the supervisor of a torchrun launch, which is this rank's
+    # grandparent for as long as the launcher lives (core.launch.SUPERVISOR_PID_ENV).
+    _supervisor = os.environ.get("DELTATUNE_SUPERVISOR_PID")
+    if os.getppid() != _launcher_pid or (_supervisor and _parent_of(_launcher_pid) != int(_supervisor)):
         os._exit(1)
 
 import torch

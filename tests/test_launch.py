@@ -22,6 +22,7 @@ from core.launch import (
     run_supervised,
     run_training,
 )
+from tests.conftest import REPO
 
 # ----------------------------------------------------------------------------------------------------
 # build_command
@@ -422,3 +423,30 @@ def test_terminal_progress_follows_metrics_across_a_resume(tmp_path):
     progress.tick()
     assert progress.bar.n == 1
     progress.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and /proc are Linux")
+def test_rank_whose_launcher_already_died_exits_before_importing_torch():
+    """A rank checks that the supervisor core.launch named is its grandparent (supervisor -> torchrun
+    -> rank); if not, its launcher died before the death signal was armed, and it must exit at once.
+
+    Here this test process plays the launcher, so the true supervisor is this process's parent.
+    Passing the check, the rank imports torch and then argparse exits 2 for the missing arguments.
+    """
+    import subprocess
+
+    from core.launch import SUPERVISOR_PID_ENV
+
+    def rank(supervisor: int) -> tuple[int, set[str], str]:
+        env = {**os.environ, "WORLD_SIZE": "2", SUPERVISOR_PID_ENV: str(supervisor), "PYTHONPATH": str(REPO)}
+        argv = [sys.executable, "-X", "importtime", "-m", "core.train"]
+        p = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        imported = {
+            ln.rsplit("|", 1)[1].strip() for ln in p.stderr.splitlines() if ln.startswith("import time:")
+        }
+        return p.returncode, imported, p.stderr
+
+    code, imported, _ = rank(supervisor=os.getpid())  # not its grandparent: re-parented, launcher gone
+    assert code == 1 and "torch" not in imported
+    code, imported, err = rank(supervisor=os.getppid())
+    assert code == 2 and "torch" in imported and "--run-dir" in err
