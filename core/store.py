@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -32,8 +33,9 @@ MANIFEST_NAME = "manifest.json"
 # Staging area inside an unfinished version: one JSON sidecar per uploaded file, written after the file
 # itself, so a sidecar proves that upload completed. Removed once the manifest exists.
 STAGING_DIR = ".partial"
-# Create-only marker that claims a version directory for one publisher (see _claim_auto_version). It is
-# kept after publishing: a publisher with a stale listing must never re-claim a published version.
+# Create-only marker that claims a version directory for one publisher (see _claim_auto_version). It holds
+# that publisher's token: only a publish that presents the token resumes the version. It is kept after
+# publishing: a publisher with a stale listing must never re-claim a published version.
 CLAIM_NAME = ".claim"
 CHUNK_SIZE = 1 << 20
 _AUTO_VERSION = re.compile(r"^v(\d+)$")
@@ -69,9 +71,10 @@ class IntegrityError(StoreError):
 class PublishError(StoreError):
     """A publish stopped part-way; the version stays invisible and the same call resumes it."""
 
-    def __init__(self, message: str, *, version: str | None = None):
+    def __init__(self, message: str, *, version: str | None = None, token: str | None = None):
         super().__init__(message)
-        self.version = version  # pass it back as ``version=`` to resume
+        self.version = version  # pass it back as ``version=`` to resume ...
+        self.token = token  # ... with ``resume_token=``: the claim that proves the version is this run's
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class FileEntry:
     path: str
     size: int
     sha256: str
+
+
+_ENTRY_KEYS = {"path", "size", "sha256"}
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class PublishResult:
     files: list[FileEntry]
     uploaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    token: str = ""  # the claim token of this publish (see ``publish(resume_token=)``)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (for Prefect task results)."""
@@ -303,12 +310,21 @@ def _expand_sources(sources: Mapping[str, str | os.PathLike[str]]) -> dict[str, 
             raise FileNotFoundError(
                 f"source for {dest!r} does not exist: {src}; expected a file or directory"
             )
+        before = len(files)
         for rel, path in pairs:
             if rel in files:
                 raise ValueError(
                     f"two sources write {rel!r} ({files[rel]} and {path}); give them distinct paths"
                 )
             files[rel] = path
+        if len(files) == before:
+            raise ValueError(f"source for {dest!r} is an empty directory: {src}; nothing to publish there")
+    # A path that is both a file and a directory of another cannot be stored on a filesystem.
+    dirs = {rel.rsplit("/", i)[0] for rel in files for i in range(1, rel.count("/") + 1)}
+    if clash := sorted(dirs & files.keys()):
+        raise ValueError(
+            f"{clash[0]!r} would be both a file and a directory in the version; rename one source"
+        )
     return files
 
 
@@ -322,7 +338,7 @@ def _version_dirs(store: _Store, model: str) -> list[str]:
     return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
 
 
-def _claim_auto_version(store: _Store, model: str, attempts: int = 20) -> str:
+def _claim_auto_version(store: _Store, model: str, token: str, attempts: int = 20) -> str:
     """Claim the next free ``vNNNN`` with a create-only marker so concurrent publishers never share one.
 
     Torn (manifest-less) directories count as used: a different run must not inherit their files.
@@ -334,7 +350,7 @@ def _claim_auto_version(store: _Store, model: str, attempts: int = 20) -> str:
             _put_bytes(
                 store,
                 f"{store.version_dir(model, version)}/{CLAIM_NAME}",
-                _dumps({"at": _now()}),
+                _dumps({"at": _now(), "token": token}),
                 create_only=True,
             )
         except FileExistsError:
@@ -344,17 +360,41 @@ def _claim_auto_version(store: _Store, model: str, attempts: int = 20) -> str:
     raise PublishError(f"could not claim a free version of {model!r} after {attempts} attempts")
 
 
-def _claim_explicit_version(store: _Store, model: str, version: str) -> None:
+def _claim_token(store: _Store, vdir: str) -> str | None:
+    try:
+        claim, _ = _read_json(store, f"{vdir}/{CLAIM_NAME}")
+    except (FileNotFoundError, ValueError):
+        return None
+    return claim.get("token")
+
+
+def _claim_explicit_version(store: _Store, model: str, version: str, token: str, resuming: bool) -> bool:
+    """Claim ``version`` for the publisher holding ``token``; True if that publisher already finished it.
+
+    An unfinished version is resumed only by the publisher whose token is in its claim: two runs given
+    the same version name must never upload into one directory, and a published version's files must
+    never be overwritten.
+    """
     vdir = store.version_dir(model, version)
     if store.fs.exists(f"{vdir}/{MANIFEST_NAME}"):
+        if resuming and _claim_token(store, vdir) == token:
+            return True  # this publisher's own earlier attempt wrote the manifest; its reply was lost
         raise VersionExistsError(
             f"{model}/{version} is already published in {store.uri}; versions are immutable: publish "
             f"with another version (or version=None for the next automatic one)"
         )
     try:
-        _put_bytes(store, f"{vdir}/{CLAIM_NAME}", _dumps({"at": _now()}), create_only=True)
+        _put_bytes(store, f"{vdir}/{CLAIM_NAME}", _dumps({"at": _now(), "token": token}), create_only=True)
     except FileExistsError:
+        if not (resuming and _claim_token(store, vdir) == token):
+            raise VersionExistsError(
+                f"{model}/{version} in {store.uri} is claimed by another publish that has not finished; "
+                "two runs never share a version. Publish this run as another version (or version=None); "
+                "to resume a run's own interrupted publish, pass the token from its failed attempt "
+                "(resume_token=, kept in the run's publish_state.json)"
+            ) from None
         logger.info("resuming unfinished publish of %s/%s", model, version)
+    return False
 
 
 def _upload_file(store: _Store, local: Path, remote: str) -> None:
@@ -381,12 +421,16 @@ def publish(
     version: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    resume_token: str | None = None,
 ) -> PublishResult:
     """Upload local files as one immutable version and make it visible by writing its manifest last.
 
-    Re-running with the same explicit ``version`` after a failure resumes: files whose staged
-    sha256 and remote size match are skipped. The manifest is created with a create-only write
-    (S3 ``IfNoneMatch="*"``, local hard link), so two publishers cannot both claim one version.
+    Every publish claims its version with a create-only ``.claim`` holding a fresh token. Re-running
+    with the ``version`` and ``resume_token`` of a failed attempt (both on its ``PublishError``)
+    resumes it: files whose staged sha256 and remote size match are skipped; if that attempt had in
+    fact written the manifest, the published version is returned as is. Without the token, a claimed
+    or published version is refused. The manifest is created with a create-only write (S3
+    ``IfNoneMatch="*"``, local hard link), so two publishers cannot both publish one version.
 
     Args:
         store_uri: Store root: a local path, ``file://`` URI or ``s3://bucket/prefix``.
@@ -396,13 +440,15 @@ def publish(
         version: Version name; ``None`` claims the next automatic ``v0001``, ``v0002``, ...
         metadata: JSON-serialisable extra fields for the manifest (no secrets).
         storage_options: Passed to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
+        resume_token: The ``token`` of a failed attempt's ``PublishError``, with its ``version``.
 
     Returns:
-        A ``PublishResult`` with the version, its URI, the manifest sha256 and the files moved this run.
+        A ``PublishResult`` with the version, its URI, the manifest sha256, the files moved this run
+        and the claim token.
 
     Raises:
-        VersionExistsError: ``version`` already has a manifest.
-        PublishError: An upload failed; the message names the version to resume.
+        VersionExistsError: ``version`` already has a manifest, or another publish claimed it.
+        PublishError: An upload failed; ``version`` and ``token`` on it resume the publish.
         FileNotFoundError, ValueError: Bad sources, names or metadata.
         StoreUnavailableError: The store cannot be reached.
     """
@@ -419,10 +465,13 @@ def publish(
     entries = [FileEntry(rel, *hash_file(path)) for rel, path in sorted(local_files.items())]
 
     store = _open_store(store_uri, storage_options)
+    if resume_token is not None and version is None:
+        raise ValueError("resume_token resumes a named version: pass the failed attempt's version too")
+    token = resume_token or uuid.uuid4().hex
     if version is None:
-        version = _claim_auto_version(store, model)
-    else:
-        _claim_explicit_version(store, model, version)
+        version = _claim_auto_version(store, model, token)
+    elif _claim_explicit_version(store, model, version, token, resuming=resume_token is not None):
+        return _published_as_is(store, model, version, entries, metadata, token)
     vdir = store.version_dir(model, version)
     logger.info("publishing %d files to %s", len(entries), store.version_uri(model, version))
 
@@ -447,8 +496,9 @@ def publish(
         raise PublishError(
             f"publish of {model}/{version} to {store.uri} stopped after {len(uploaded)} new files "
             f"({type(exc).__name__}: {exc}); the version is not visible. Re-run publish with "
-            f"version={version!r} to resume.",
+            f"version={version!r} and this error's resume token to resume.",
             version=version,
+            token=token,
         ) from exc
 
     manifest = {
@@ -463,11 +513,23 @@ def publish(
     try:
         _put_bytes(store, f"{vdir}/{MANIFEST_NAME}", data, create_only=True)
     except FileExistsError:
+        # Our own write whose reply was lost (the client retried the PUT and met its own object), or
+        # another publisher: only the former has our claim and exactly our files.
+        if _claim_token(store, vdir) == token:
+            return _published_as_is(store, model, version, entries, metadata, token)
         raise VersionExistsError(
             f"{model}/{version} was published by another run while this one uploaded; its files may "
             f"be mixed: run verify_version on it, and publish this run as a new version"
         ) from None
-    _remove_quietly(store, f"{vdir}/{STAGING_DIR}", recursive=True)
+    except Exception as exc:
+        raise PublishError(
+            f"writing the manifest of {model}/{version} to {store.uri} failed ({type(exc).__name__}: "
+            f"{exc}); the version may not be visible yet. Re-run publish with version={version!r} and "
+            "this error's resume token: it finishes the version or finds it already published.",
+            version=version,
+            token=token,
+        ) from exc
+    _tidy_staging(store, model, version)
     logger.info(
         "published %s (%d uploaded, %d resumed)",
         store.version_uri(model, version),
@@ -482,6 +544,43 @@ def publish(
         files=entries,
         uploaded=uploaded,
         skipped=skipped,
+        token=token,
+    )
+
+
+def _tidy_staging(store: _Store, model: str, version: str) -> None:
+    """Remove a published version's staging sidecars. Failing to must not fail (or repeat) the publish."""
+    try:
+        _remove_quietly(store, f"{store.version_dir(model, version)}/{STAGING_DIR}", recursive=True)
+    except Exception as exc:
+        logger.warning("published %s/%s but could not remove its staging files: %s", model, version, exc)
+
+
+def _published_as_is(
+    store: _Store, model: str, version: str, entries: list[FileEntry], metadata: dict, token: str
+) -> PublishResult:
+    """The result of a publish that an earlier attempt with this token already finished, provided
+    the manifest lists exactly these files: else the sources changed since, and that is an error."""
+    manifest, data = _read_json(store, f"{store.version_dir(model, version)}/{MANIFEST_NAME}")
+    listed = [
+        FileEntry(**f) for f in manifest.get("files", []) if isinstance(f, dict) and f.keys() == _ENTRY_KEYS
+    ]
+    if listed != entries or manifest.get("metadata") != metadata:
+        raise VersionExistsError(
+            f"{model}/{version} was published by another run, or by an earlier attempt with other "
+            "files or metadata than these; its files may be mixed: run verify_version on it, and "
+            "publish this run as a new version"
+        )
+    logger.info("%s/%s was already published by an earlier attempt; nothing to do", model, version)
+    _tidy_staging(store, model, version)
+    return PublishResult(
+        model=model,
+        version=version,
+        uri=store.version_uri(model, version),
+        manifest_sha256=hashlib.sha256(data).hexdigest(),
+        files=entries,
+        skipped=[e.path for e in entries],
+        token=token,
     )
 
 

@@ -25,21 +25,30 @@ def _transient(exc: BaseException) -> bool:
 def publish(run_dir: str, sources: dict[str, str], metadata: dict) -> dict:
     """Returns the PublishResult (model, version, uri, manifest sha256, files)."""
     cfg = read_resolved(run_dir).publish
+    model = cfg.model_name or metadata["run"]
     state = Path(run_dir) / STATE
-    # A retry resumes the version the failed attempt claimed instead of claiming a new one.
-    version = cfg.version or (json.loads(state.read_text())["version"] if state.is_file() else None)
+    # A retry (or a re-run of the flow) resumes the version the failed attempt claimed, with the token
+    # that proves the claim is this run's, instead of claiming a new one; a state left for another
+    # store, model or version is ignored.
+    version, token = cfg.version, None
+    if state.is_file():
+        s = json.loads(state.read_text())
+        if (s.get("store"), s.get("model")) == (cfg.store, model) and cfg.version in (None, s.get("version")):
+            version, token = s.get("version"), s.get("token")
     try:
         result = publish_version(
             cfg.store,
-            cfg.model_name or metadata["run"],
+            model,
             sources,
             version=version,
             metadata=metadata,
             storage_options=cfg.storage_options,
+            resume_token=token,
         )
     except PublishError as e:
-        if e.version:
-            state.write_text(json.dumps({"version": e.version}))
+        if e.version and e.token:
+            record = {"store": cfg.store, "model": model, "version": e.version, "token": e.token}
+            state.write_text(json.dumps(record))
         raise
     state.unlink(missing_ok=True)
     get_run_logger().info("published %s (%d files)", result.uri, len(result.files))

@@ -229,3 +229,39 @@ def test_full_finetune_flow_evaluates_and_publishes_the_model_without_a_merge(
         Path(result["publish"]["uri"], "model"), use_safetensors=True
     )
     assert model.config.num_hidden_layers == 2
+
+
+def test_publish_task_retry_resumes_the_claimed_version(prefect_harness, run_config, tmp_path, monkeypatch):
+    """An upload that fails once: Prefect retries the task, which resumes the same version with the
+    claim token kept in publish_state.json; no second version, and no state left behind."""
+    from prefect import flow
+
+    from core import store
+    from core.config import write_resolved
+    from tasks.publish import STATE, publish
+
+    cfg = run_config("name=pub", "publish.model_name=pub")
+    write_resolved(cfg, cfg.run_dir)
+    (cfg.run_dir / "eval.json").write_text("{}\n")
+    (cfg.run_dir / "notes.txt").write_text("notes\n")
+    real_upload, calls = store._upload_file, []
+
+    def upload(s, local, remote):
+        calls.append(remote)
+        if len(calls) == 2:
+            raise ConnectionResetError("simulated network failure")
+        real_upload(s, local, remote)
+
+    monkeypatch.setattr(store, "_upload_file", upload)
+    monkeypatch.setattr(publish, "retry_delay_seconds", 0)
+    sources = {"eval.json": str(cfg.run_dir / "eval.json"), "notes.txt": str(cfg.run_dir / "notes.txt")}
+
+    @flow
+    def just_publish() -> dict:
+        return publish(str(cfg.run_dir), sources, {"run": "pub"})
+
+    result = just_publish()
+    assert result["version"] == "v0001" and result["skipped"] == ["eval.json"]  # resumed, not restarted
+    assert len(calls) == 3
+    assert store.list_versions(cfg.publish.store, "pub") == ["v0001"]
+    assert not (cfg.run_dir / STATE).exists()

@@ -138,9 +138,16 @@ def test_torn_publish_is_invisible_and_resumes_missing_files(
         real_upload(s, local, remote)
 
     monkeypatch.setattr(store, "_upload_file", upload)
-    with pytest.raises(store.PublishError, match=r"not visible.*version='v0001' to resume"):
+    with pytest.raises(
+        store.PublishError, match=r"not visible.*version='v0001' and this error's resume"
+    ) as e:
         store.publish(st.uri, "tiny", sources, storage_options=st.options)
+    assert e.value.version == "v0001" and e.value.token
     assert calls == ALL_FILES[:3]
+    # Another run given the same version name never uploads into the claimed directory.
+    with pytest.raises(store.VersionExistsError, match="claimed by another publish"):
+        store.publish(st.uri, "tiny", sources, version="v0001", storage_options=st.options)
+    assert len(calls) == 3
     assert store.list_versions(st.uri, "tiny", storage_options=st.options) == []
     with pytest.raises(store.VersionNotFoundError, match="visible versions: none"):
         store.read_manifest(st.uri, "tiny", "v0001", storage_options=st.options)
@@ -149,7 +156,9 @@ def test_torn_publish_is_invisible_and_resumes_missing_files(
     (sources["adapter"] / "adapter_config.json").write_text('{"r": 16}\n')
     calls.clear()
     crash_on_call = 0
-    result = store.publish(st.uri, "tiny", sources, version="v0001", storage_options=st.options)
+    result = store.publish(
+        st.uri, "tiny", sources, version="v0001", resume_token=e.value.token, storage_options=st.options
+    )
 
     assert calls == ["adapter/adapter_config.json", *ALL_FILES[2:]]
     assert result.uploaded == calls
@@ -334,6 +343,12 @@ def test_bad_sources_rejected(tmp_path: Path, sources: dict[str, Path]) -> None:
         store.publish(uri, "tiny", {"manifest.json": sources["eval.json"]})
     with pytest.raises(ValueError, match="invalid destination path"):
         store.publish(uri, "tiny", {"../escape": sources["eval.json"]})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"source for 'merged' is an empty directory"):
+        store.publish(uri, "tiny", {**sources, "merged": tmp_path / "empty"})
+    with pytest.raises(ValueError, match=r"'adapter' would be both a file and a directory"):
+        store.publish(uri, "tiny", {"adapter": sources["eval.json"], "adapter/x.json": sources["eval.json"]})
+    assert store.list_versions(uri, "tiny") == []
     with pytest.raises(ValueError, match="at least one source"):
         store.publish(uri, "tiny", {})
     assert not (tmp_path / "store").exists()  # nothing was claimed
@@ -362,3 +377,71 @@ def test_file_uri_and_relative_paths(
     monkeypatch.chdir(tmp_path)
     assert store.publish("./artifacts", "tiny", sources).version == "v0001"
     assert store.list_versions(f"file://{tmp_path / 'artifacts'}", "tiny") == ["v0001"]
+
+
+def _fail_after_manifest(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    """The manifest PUT lands, but its reply is lost: the client sees ``exc`` (once)."""
+    real_put = store._put_bytes
+    failed: list[bool] = []
+
+    def put(s: Any, path: str, data: bytes, *, create_only: bool) -> None:
+        real_put(s, path, data, create_only=create_only)
+        if path.endswith("/manifest.json") and not failed:
+            failed.append(True)
+            raise exc
+
+    monkeypatch.setattr(store, "_put_bytes", put)
+
+
+def test_manifest_reply_lost_then_client_retry_meets_its_own_object(
+    st: Store, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # s3fs/botocore retry the PUT; IfNoneMatch then fails on the object the first try wrote.
+    _fail_after_manifest(monkeypatch, FileExistsError("412 Precondition Failed"))
+    result = store.publish(st.uri, "tiny", sources, storage_options=st.options)
+    assert result.version == "v0001"
+    assert store.list_versions(st.uri, "tiny", storage_options=st.options) == ["v0001"]
+    store.verify_version(st.uri, "tiny", "v0001", storage_options=st.options)
+
+
+def test_manifest_write_error_resumes_to_the_already_published_version(
+    st: Store, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_after_manifest(monkeypatch, ConnectionResetError("reply lost"))
+    with pytest.raises(store.PublishError, match="may not be visible yet") as e:
+        store.publish(st.uri, "tiny", sources, storage_options=st.options)
+    again = store.publish(
+        st.uri,
+        "tiny",
+        sources,
+        version=e.value.version,
+        resume_token=e.value.token,
+        storage_options=st.options,
+    )
+    assert again.version == "v0001" and again.uploaded == [] and len(again.skipped) == len(ALL_FILES)
+    assert store.list_versions(st.uri, "tiny", storage_options=st.options) == ["v0001"]  # no duplicate
+    # Without the token, or with other files, the published version is refused as ever.
+    with pytest.raises(store.VersionExistsError, match="already published"):
+        store.publish(st.uri, "tiny", sources, version="v0001", storage_options=st.options)
+    (sources["eval.json"]).write_text('{"changed": true}\n')
+    with pytest.raises(store.VersionExistsError, match="other files or metadata"):
+        store.publish(
+            st.uri, "tiny", sources, version="v0001", resume_token=e.value.token, storage_options=st.options
+        )
+
+
+def test_staging_cleanup_failure_does_not_fail_a_published_version(
+    st: Store, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_rm = store._remove_quietly
+
+    def rm(s: Any, path: str, recursive: bool = False) -> None:
+        if path.endswith("/.partial"):
+            raise PermissionError("AccessDenied: DeleteObjects")
+        real_rm(s, path, recursive)
+
+    monkeypatch.setattr(store, "_remove_quietly", rm)
+    with caplog.at_level("WARNING", logger="core.store"):
+        result = store.publish(st.uri, "tiny", sources, storage_options=st.options)
+    assert result.version == "v0001" and "could not remove its staging files" in caplog.text
+    assert store.list_versions(st.uri, "tiny", storage_options=st.options) == ["v0001"]
