@@ -365,8 +365,10 @@ class DeepSpeedBackend(_Backend):
     def all_reduce_sum(self, t):
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        # On the engine's device: NCCL reduces CUDA tensors only (gloo, CI's backend, takes either).
+        on_device = t.to(self.engine.device)
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        return on_device.to(t.device)
 
     def barrier(self):
         import torch.distributed as dist
@@ -467,12 +469,15 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
     env = DistEnv.from_environ()
     fingerprint, data_fp = ckpt.training_fingerprint(cfg), ckpt.data_fingerprint(train_data)
     summary_path = run_dir / SUMMARY
+    finished = None
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         same = (summary.get("fingerprint"), summary.get("data_fingerprint")) == (fingerprint, data_fp)
         if same and Path(summary["output_dir"]).exists():
-            log.info("training already finished (%s); nothing to do", summary_path)
-            return TrainResult(Path(summary["output_dir"]), summary)
+            finished = TrainResult(Path(summary["output_dir"]), summary)
+    if finished is not None and env.world_size == 1:
+        log.info("training already finished (%s); nothing to do", summary_path)
+        return finished
     ckpt_root = run_dir / "checkpoints"
     resume = ckpt.latest_complete(ckpt_root, fingerprint, data_fp)  # raises on a config or data mismatch
 
@@ -493,6 +498,13 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
     device = pick_device(env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if env.world_size > 1:
+        # Every rank must start from the same place, or the collectives of the loop pair up wrongly and
+        # hang: ranks on nodes that do not share run_dir see different checkpoints and summaries.
+        _same_on_every_rank(-1 if finished is not None else (resume.step if resume else 0), device, run_dir)
+        if finished is not None:
+            log.info("training already finished (%s); nothing to do", summary_path)
+            return finished
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
 
@@ -630,6 +642,21 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         tmp.replace(summary_path)
         log.info("training done: %s", json.dumps(summary))
     return TrainResult(out, summary)
+
+
+def _same_on_every_rank(start: int, device: torch.device, run_dir: Path) -> None:
+    """Raise on every rank unless all of them pass the same ``start`` (-1: already finished)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([start, -start], dtype=torch.int64, device=device)  # NCCL needs a device tensor
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    high, low = int(t[0]), -int(t[1])
+    if high != low:
+        raise ValueError(
+            f"ranks disagree on where training stands in {run_dir} (steps {low} and {high}; -1 = finished): "
+            "every node must see the same run directory. Put output_dir on a filesystem shared by all "
+            "nodes (NFS, Lustre, a mounted bucket), or remove the stale checkpoints/summary on the nodes"
+        )
 
 
 def _save_checkpoint(backend: _Backend, root: Path, step: int, meta: dict, keep_last: int) -> None:

@@ -36,7 +36,7 @@ def finetune(config: str | None = None, overrides: list[str] | None = None) -> d
     node = node_rank(cfg) if cfg.train.num_nodes > 1 else 0
     data = prepare(run_dir, "data" if node == 0 else f"data-node{node}")
     trained = train.with_options(retries=cfg.train.retries, retry_delay_seconds=cfg.train.retry_delay_s)(
-        run_dir, data["train_dir"]
+        run_dir, data["train_dir"], node_rank=node
     )
     out: dict = {"run_dir": run_dir, "data": data, "train": trained}
     if node != 0:

@@ -394,3 +394,84 @@ def test_launcher_killed_during_startup_leaves_no_rank(make_run, tmp_path: Path)
         proc.wait()
     assert_no_orphans(cfg.run_dir)
     assert not (cfg.run_dir / "metrics.jsonl").exists()  # killed before training began
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two nodes on one host: torchrun's static rendezvous, one rank per node, one shared run directory
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_two_nodes_train_as_one_job_on_a_shared_run_dir(make_run):
+    """Each node's supervisor launches its own torchrun (node_rank 0 and 1, one rank each) against the
+    same master address, as two machines of a cluster would; the job must follow the 2-rank run."""
+    import threading
+
+    from core.train import _free_port
+
+    port = _free_port()
+    common = (
+        "method=lora",
+        "train.lr=1e-2",
+        "train.max_steps=6",
+        "train.num_processes=1",
+        "train.num_nodes=2",
+        "train.master_addr=127.0.0.1",
+        f"train.master_port={port}",
+        "train.zero_stage=2",
+        "train.save_every=3",
+    )
+    nodes = [make_run(*common, "name=nodes", f"train.node_rank={n}")[0] for n in (0, 1)]
+    one_host, train_dir = make_run(*common[:3], "train.zero_stage=2", "name=one-host")
+    results: dict[int, dict | BaseException] = {}
+
+    def node(n: int) -> None:
+        try:
+            results[n] = run_training(nodes[n], nodes[n].run_dir, train_dir, on_line=lambda s: None)
+        except BaseException as e:  # reported below
+            results[n] = e
+
+    threads = [threading.Thread(target=node, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert all(isinstance(r, dict) for r in results.values()) and len(results) == 2, results
+    assert results[0]["world_size"] == 2
+    assert [c.step for c in ckpt.list_complete(nodes[0].run_dir / "checkpoints")] == [3]
+    check_checkpoint_contents(nodes[0].run_dir / "checkpoints" / ckpt.step_dir_name(3), world_size=2)
+    train(one_host, train_dir)
+    assert losses(nodes[0].run_dir) == losses(one_host.run_dir)  # the same 2 ranks, whatever the hosts
+
+
+def _agree_worker(rank: int, port: int, starts: list[int], out: str) -> None:
+    import torch.distributed as dist
+
+    from core.train import _same_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        _same_on_every_rank(starts[rank], torch.device("cpu"), Path("/shared/run"))
+        result = "ok"
+    except ValueError as e:
+        result = str(e)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}").write_text(result)
+
+
+@pytest.mark.parametrize(
+    "starts", [[6, 6], [6, 0], [-1, 6]], ids=["agree", "checkpoint-on-one-node", "finished-on-one"]
+)
+def test_ranks_that_see_different_run_dirs_fail_together_instead_of_hanging(starts, tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    from core.train import _free_port
+
+    mp.start_processes(
+        _agree_worker, args=(_free_port(), starts, str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    got = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    if starts[0] == starts[1]:
+        assert got == ["ok", "ok"]
+    else:
+        assert got[0] == got[1] and "every node must see the same run directory" in got[0], got
