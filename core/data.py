@@ -364,6 +364,8 @@ def _encode_row(seg: _Segments, tokenizer: Any, cfg: DataConfig, adds_bos: bool)
         if trained and cfg.add_eos and not (seg.templated and eos in piece):
             ids.append(eos)
             labels.append(eos)
+    if cfg.format == "text":
+        prompt_len = 0  # plain text has no prompt: evaluation scores it by loss only, no generation
     truncated = len(ids) > cfg.max_seq_len
     ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
     # Position 0 is never predicted, so a row needs a trained label at position >= 1 to teach anything.

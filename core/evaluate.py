@@ -88,12 +88,13 @@ def score_model(model: nn.Module, rows: list[dict], tokenizer: Any, cfg: EvalCon
     model.eval()
     t0 = time.perf_counter()
     out = heldout_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size)
-    gen_rows = rows[: cfg.generation_rows]
+    # Rows with a prompt only: plain text (prompt_len 0) has nothing to answer, so no exact match.
+    gen_rows = [r for r in rows if r["prompt_len"] > 0][: cfg.generation_rows]
     prompts = [list(r["input_ids"][: r["prompt_len"]]) for r in gen_rows]
-    preds = greedy_generate(model, prompts, tokenizer, cfg.max_new_tokens, cfg.batch_size)
+    preds = greedy_generate(model, prompts, tokenizer, cfg.max_new_tokens, cfg.batch_size) if prompts else []
     hits = [_normalize(p) == _normalize(r["reference"]) for p, r in zip(preds, gen_rows, strict=True)]
     out.update(
-        exact_match=sum(hits) / max(len(hits), 1),
+        exact_match=sum(hits) / len(hits) if hits else None,
         generated=len(hits),
         seconds=round(time.perf_counter() - t0, 2),
         samples=[
@@ -143,7 +144,9 @@ def evaluate(
         results["tuned"] = score_model(model, rows, tokenizer, cfg.eval)
     if "base" in results:
         results["delta"] = {
-            k: results["tuned"][k] - results["base"][k] for k in ("loss", "perplexity", "exact_match")
+            k: results["tuned"][k] - results["base"][k]
+            for k in ("loss", "perplexity", "exact_match")
+            if results["tuned"][k] is not None
         }
     out = Path(run_dir) / EVAL_NAME
     tmp = out.with_suffix(".tmp")
@@ -151,11 +154,11 @@ def evaluate(
     tmp.replace(out)
     b, t = results.get("base", {}), results["tuned"]
     log.info(
-        "eval: loss %s -> %.4f, exact match %s -> %.3f (%d rows)",
+        "eval: loss %s -> %.4f, exact match %s -> %s (%d rows)",
         f"{b['loss']:.4f}" if b else "-",
         t["loss"],
-        f"{b['exact_match']:.3f}" if b else "-",
-        t["exact_match"],
+        f"{b['exact_match']:.3f}" if b and b["exact_match"] is not None else "-",
+        f"{t['exact_match']:.3f}" if t["exact_match"] is not None else "-",
         len(rows),
     )
     return results

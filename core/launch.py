@@ -49,8 +49,10 @@ class TrainingFailed(RuntimeError):
 
 
 # Failures a retry cannot fix: bad config or data (ValueError covers ConfigError, DataError,
-# PreflightError, CheckpointMismatchError, AdapterError), divergence, a missing input file.
-NOT_RETRYABLE = (ValueError, FloatingPointError, FileNotFoundError)
+# PreflightError, CheckpointMismatchError, AdapterError), divergence, a missing input file or module,
+# and running out of device memory with the same batch and model (lower train.micro_batch_size or use
+# gradient checkpointing / a higher ZeRO stage instead).
+NOT_RETRYABLE = (ValueError, FloatingPointError, FileNotFoundError, ImportError, torch.OutOfMemoryError)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -225,6 +227,8 @@ def run_supervised(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
+        encoding="utf-8",
+        errors="replace",  # one stray byte in a rank's output must not kill the run
         bufsize=1,
         env=env,
         cwd=cwd,
@@ -256,7 +260,11 @@ def run_supervised(
                     f"training exceeded train.timeout_s={timeout_s:g}s; killed its process group"
                 )
             if on_tick is not None:
-                on_tick()
+                try:
+                    on_tick()
+                except Exception as exc:  # drawing progress must never stop training
+                    log.debug("progress display failed: %s", exc)
+                    on_tick = None
             time.sleep(0.2)
         kill_group(proc, grace_s=0)  # the leader exited: no straggler may hold the pipe open
         reader.join(timeout=30)  # every buffered line reaches on_line before we return
@@ -353,7 +361,10 @@ def run_training(
         if progress is not None:
             progress.close()
     if rc != 0:
-        info = json.loads(err_file.read_text()) if err_file.is_file() else {}
+        try:
+            info = json.loads(err_file.read_text()) if err_file.is_file() else {}
+        except ValueError:  # unreadable: fall back to the log's tail
+            info = {}
         detail = f"{info['type']}: {info['message']}" if info else "\n".join(tail[-15:])
         raise TrainingFailed(
             f"training exited with code {rc}: {detail}", retryable=info.get("retryable", True)

@@ -247,9 +247,10 @@ class PlainBackend(_Backend):
             n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad
         }
         save_file(trainable, str(path / "trainable.safetensors"))
-        torch.save(
-            {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, path / "optim.pt"
-        )
+        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+        if self.scaler:  # fp16: the loss scale decides which later steps overflow and are skipped
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, path / "optim.pt")
 
     def load(self, path):
         from safetensors.torch import load_file
@@ -262,6 +263,8 @@ class PlainBackend(_Backend):
         opt = torch.load(path / "optim.pt", weights_only=True)
         self.opt.load_state_dict(opt["optimizer"])
         self.sched.load_state_dict(opt["scheduler"])
+        if self.scaler and "scaler" in opt:
+            self.scaler.load_state_dict(opt["scaler"])
 
 
 def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
@@ -625,7 +628,7 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         "final_loss": last_loss,
         "wall_time_s": round(seconds_before + time.perf_counter() - t_start, 2),  # every attempt
         "attempt_wall_time_s": round(time.perf_counter() - t_start, 2),
-        "tokens": tokens_before + tokens_total,  # trained over all steps 1..total
+        "tokens": tokens_before + tokens_total,  # processed (attention mask), over steps 1..total
         "peak_mem_mb": round(_peak_memory_mb(device), 1),  # this attempt's
         "trainable_params": trainable,
         "total_params": n_total,
@@ -717,7 +720,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if env.is_main:  # the supervisor reads this to decide whether a retry can help
             err = {"type": type(e).__name__, "message": str(e), "retryable": is_retryable(e)}
-            (Path(args.run_dir) / ERROR_FILE).write_text(json.dumps(err))
+            path = Path(args.run_dir) / ERROR_FILE
+            path.with_suffix(".tmp").write_text(json.dumps(err))
+            path.with_suffix(".tmp").replace(path)  # a rank killed mid-write leaves no torn file
         raise
     _leave_process_group()
     return 0

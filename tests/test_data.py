@@ -160,7 +160,7 @@ def test_completion_and_text_formats(tmp_path, tok):
     (row,) = rows_of(prep(tmp_path, tok, out="t", path=str(f), format="text").train_dir)
     assert row["input_ids"] == [tok.bos_token_id] + enc(tok, "The quick brown fox.") + [tok.eos_token_id]
     assert row["labels"] == [-100] + row["input_ids"][1:]  # every token trained
-    assert row["prompt"] == "" and row["prompt_len"] == 1
+    assert row["prompt"] == "" and row["prompt_len"] == 0  # no prompt: scored by loss, never generated
 
 
 CONVERSATION = {

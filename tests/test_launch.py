@@ -403,6 +403,37 @@ def test_train_task_retry_predicate():
     assert decide(TrainingFailed("exited with code -9", retryable=True)) is True
     assert decide(RuntimeError("rank lost")) is True
     assert decide(TimeoutError("train.timeout_s exceeded")) is True
+    import torch
+
+    assert decide(torch.OutOfMemoryError("CUDA out of memory")) is False  # same batch, same OOM
+    assert decide(ModuleNotFoundError("No module named 'flash_attn'")) is False
+
+
+def test_supervisor_survives_undecodable_output_and_a_failing_progress_display():
+    code = "import sys\nsys.stdout.buffer.write(b'loss \\xff\\xfe ok\\n')\nsys.stdout.flush()\nsys.exit(0)"
+    seen: list[str] = []
+
+    def tick() -> None:
+        raise ValueError("half a JSON line")
+
+    rc, _ = run_supervised([sys.executable, "-c", code], on_line=seen.append, on_tick=tick)
+    assert rc == 0 and seen == ["loss \ufffd\ufffd ok"]
+
+
+def test_torn_error_file_falls_back_to_the_log(run_config, tmp_path, monkeypatch):
+    """A rank killed while writing train_error.json must not hide the failure behind a JSON error."""
+    import core.launch as launch
+
+    cfg = run_config("name=torn")
+    write_resolved(cfg, cfg.run_dir)
+    monkeypatch.setattr(launch, "preflight", lambda *a: None)
+    script = (
+        f"open({str(cfg.run_dir / ERROR_FILE)!r}, 'w').write('{{\"type\": \"Runt'); print('boom'); exit(3)"
+    )
+    monkeypatch.setattr(launch, "build_command", lambda *a: [sys.executable, "-c", script])
+    with pytest.raises(TrainingFailed, match="code 3: boom") as e:
+        run_training(cfg, cfg.run_dir, tmp_path, on_line=lambda s: None)
+    assert e.value.retryable is True
 
 
 def test_terminal_progress_follows_metrics_across_a_resume(tmp_path):

@@ -466,3 +466,30 @@ def test_modules_to_save_train_and_ship_with_the_adapter(run_config):
     assert not torch.equal(trained_head, base.lm_head.weight)  # it trained, fully
     load_adapter(base, cfg.run_dir / "adapter")
     assert torch.equal(base.lm_head.weight.detach(), trained_head)
+
+
+def test_fp16_loss_scale_is_part_of_the_checkpoint(run_config, tmp_path):
+    """fp16 (GPUs without bf16) skips overflowing steps by the loss scale: resuming with a fresh scale
+    would skip other steps than the uninterrupted run. The scaler state travels in optim.pt."""
+    from core.lora import inject_lora
+    from core.modeling import load_model
+    from core.train import PlainBackend
+
+    cfg = run_config()
+    cpu = torch.device("cpu")
+
+    def backend() -> PlainBackend:
+        model = load_model(cfg.model)
+        inject_lora(model, cfg.lora)
+        return PlainBackend(model, cfg, 10, cpu, "fp16")
+
+    a = backend()
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    a.forward_backward({"input_ids": ids, "labels": ids}, step_tokens=22)
+    a.optimizer_step()  # a real fp16 step (CPU autocast): the scaler's growth tracker moves
+    a.scaler.update(new_scale=1024.0)  # as after some overflowing steps
+    a.save(tmp_path)
+    b = backend()
+    assert b.scaler.get_scale() == 65536.0
+    b.load(tmp_path)
+    assert b.scaler.state_dict() == a.scaler.state_dict() and b.scaler.get_scale() == 1024.0
