@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from core.config import RunConfig
+from core.fsutil import fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,17 @@ def latest_complete(
 
 
 def mark_complete(path: Path, meta: dict[str, Any]) -> None:
-    """Write the ``COMPLETE`` marker atomically; call only after every rank has finished writing."""
+    """Write the ``COMPLETE`` marker atomically; call only after every rank has finished writing.
+
+    The checkpoint's files are flushed to disk first and the marker after, so that even a power loss
+    cannot leave a marker vouching for shards that never reached the disk (and ``prune``, which runs
+    next, deletes the predecessor).
+    """
+    fsync_tree(path)
     tmp = path / (COMPLETE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(path / COMPLETE)
+    fsync_tree(path)  # the marker itself, before any predecessor is pruned
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:

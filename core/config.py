@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -21,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from core.secretkeys import secret_key_paths
 
@@ -50,6 +52,25 @@ def _no_secrets(options: dict[str, Any]) -> dict[str, Any]:
 
 # fsspec options for a remote URI; never credentials (see _no_secrets).
 StorageOptions = Annotated[dict[str, Any], AfterValidator(_no_secrets)]
+
+
+def _no_credentials(uri: str | None) -> str | None:
+    if uri and "://" in uri:
+        parts = urlsplit(uri)
+        if parts.username is not None or parts.password is not None:
+            # A custom type: _format_errors never echoes the rejected value (it holds the secret).
+            raise PydanticCustomError(
+                "credentials_in_uri",
+                "holds credentials (a user or token before '@' in the URI): run configs are published and logged; "
+                "remove them from the URI and pass them through the environment or the provider's "
+                "credential file (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)",
+            )
+    return uri
+
+
+# A path or fsspec URI that is written to run_config.yaml: never with credentials in it.
+Location = Annotated[str, AfterValidator(_no_credentials)]
+_SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 def cache_root() -> Path:
@@ -89,9 +110,9 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Which base model to fine-tune and how to load it."""
 
-    name_or_path: str = "builtin:tiny-llama"
+    name_or_path: Location = "builtin:tiny-llama"
     revision: str | None = None
-    tokenizer: str | None = None  # defaults to name_or_path
+    tokenizer: Location | None = None  # defaults to name_or_path
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # off unless the user opts in: remote code runs with our privileges
     attn_implementation: str | None = None
@@ -101,9 +122,9 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     """Where the training data lives and how it becomes token ids."""
 
-    path: str = "examples/demo/train.jsonl"
+    path: Location = "examples/demo/train.jsonl"
     format: Literal["alpaca", "completion", "text", "chat"] = "alpaca"
-    eval_path: str | None = None  # a separate held-out file; else eval_fraction of `path`
+    eval_path: Location | None = None  # a separate held-out file; else eval_fraction of `path`
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_seq_len: PositiveInt = 512
     mask_prompt: bool = True  # loss only on the response tokens (-100 on the prompt)
@@ -215,17 +236,17 @@ class PublishConfig(_Strict):
     """Where versions land: an fsspec URI (local folder or s3://bucket/prefix)."""
 
     enabled: bool = True
-    store: str = "./artifacts"
+    store: Location = "./artifacts"
     model_name: str | None = None  # default: the run name
     version: str | None = None  # default: next free v0001, v0002, ...
     storage_options: StorageOptions = Field(default_factory=dict)
     # None: everything the run produced (adapter and merged model, or the full model).
     include: list[Literal["adapter", "merged", "model"]] | None = None
 
-    @field_validator("model_name")
+    @field_validator("model_name", "version")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+        if v is not None and (not re.fullmatch(_SAFE_NAME, v) or ".." in v):
             raise ValueError(f"{v!r} is not a safe name: use letters, digits, '.', '_' and '-'")
         return v
 
@@ -248,7 +269,7 @@ class RunConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_run_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+        if not re.fullmatch(_SAFE_NAME, v):
             raise ValueError(f"{v!r} is not a safe run name: use letters, digits, '.', '_' and '-'")
         return v
 
@@ -330,6 +351,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling against deploy/runs/*.yaml or the RunConfig docs"
+        elif e["type"] == "credentials_in_uri":
+            pass  # the value is the secret
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         elif "input" in e and not isinstance(e["input"], dict):

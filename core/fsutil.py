@@ -25,6 +25,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under ``root``, then every directory (deepest first), to stable storage.
+
+    Renames and markers order what a *process* crash can leave; only fsync orders what survives a
+    node crash or power loss: without it a marker may persist while the data it vouches for does not.
+    """
+    root = Path(root)
+    dirs = [root]
+    for path in sorted(root.rglob("*")):
+        if path.is_dir():
+            dirs.append(path)
+        elif path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(d)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory fds (Windows): nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the files themselves are flushed
+    finally:
+        os.close(fd)
+
+
+def _tmp_pid(p: Path) -> int | None:
+    pid = p.name.split(".tmp-", 1)[-1].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
 def _orphans(dest: Path) -> list[Path]:
     """``.<name>.old-<pid>`` dirs left by writers that died between the two renames, newest first."""
     found = []
@@ -42,6 +81,11 @@ def _recover(dest: Path) -> None:
         os.replace(orphans.pop(0), dest)
     for stale in orphans:  # dest is whole, so these are superseded copies
         shutil.rmtree(stale, ignore_errors=True)
+    for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):  # half-built copies of writers that died
+        pid = _tmp_pid(tmp)
+        if tmp.is_dir() and pid is not None and not _pid_alive(pid):
+            log.info("removing %s, left by a writer that died", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
@@ -55,13 +99,14 @@ def writing_dir(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _recover(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
     old = None
     try:
         yield tmp
+        fsync_tree(tmp)  # what moves in is on disk before it replaces anything
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
@@ -72,5 +117,6 @@ def writing_dir(dest: str | Path) -> Iterator[Path]:
             os.replace(old, dest)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_dir(dest.parent)  # the swap itself survives a crash
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

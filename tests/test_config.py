@@ -258,6 +258,29 @@ def test_storage_options_reject_credentials_and_say_where_they_go():
         assert value not in msg  # the rejection itself must not print the secret
 
 
+def test_credentials_inside_uris_are_refused_without_echoing_them():
+    with pytest.raises(ConfigError) as exc:
+        load_config(
+            overrides=[
+                "publish.store=s3://AKIAXXXX:s3cr3t-store@bucket/models",
+                "model.name_or_path=https://deploy:s3cr3t-hub@models.example/llama",
+                "data.eval_path=sftp://me@host/eval.jsonl",  # a user name alone is refused too
+            ]
+        )
+    msg = str(exc.value)
+    for field in ("publish.store", "model.name_or_path", "data.eval_path"):
+        assert f"{field}: holds credentials" in msg
+    assert "AWS_PROFILE" in msg and "s3cr3t" not in msg and "AKIAXXXX" not in msg
+    ok = load_config(overrides=["publish.store=s3://bucket/models", "model.name_or_path=/models/llama"])
+    assert ok.publish.store == "s3://bucket/models"
+
+
+def test_publish_version_is_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"publish.version: '../v1' is not a safe name"):
+        load_config(overrides=["publish.version=../v1"])
+    assert load_config(overrides=["publish.version=v7-rc1"]).publish.version == "v7-rc1"
+
+
 @pytest.mark.parametrize(
     "options",
     [

@@ -96,3 +96,36 @@ def test_orphan_of_a_live_writer_is_left_alone(tmp_path):
         (tmp / "f.txt").write_text("new")
     assert (dest / "f.txt").read_text() == "new"
     assert _leftovers(tmp_path) == [".out.old-1"]
+
+
+def test_half_built_copies_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    """A writer killed inside the block leaves .out.tmp-<pid>-*: possibly a multi-GB merged model."""
+    dest = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    _make(tmp_path / f".out.tmp-{int(dead.stdout)}-abc123", "torn")
+    _make(tmp_path / ".out.tmp-1-def456", "being written by a live process")
+    with writing_dir(dest) as tmp:
+        assert tmp.name.startswith(f".out.tmp-{os.getpid()}-")
+        (tmp / "f.txt").write_text("new")
+    assert (dest / "f.txt").read_text() == "new"
+    assert _leftovers(tmp_path) == [".out.tmp-1-def456"]
+
+
+def test_fsync_tree_flushes_nested_files_and_dirs(tmp_path, monkeypatch):
+    from core.fsutil import fsync_tree
+
+    _make(tmp_path / "ckpt" / "shards", "x")
+    (tmp_path / "ckpt" / "meta.json").write_text("{}")
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fsync_tree(tmp_path / "ckpt")
+    root = tmp_path / "ckpt"
+    files = [str(root / "meta.json"), str(root / "shards" / "f.txt")]
+    assert sorted(synced[:2]) == files  # files first, then directories deepest first
+    assert synced[2:] == [str(root / "shards"), str(root)]
