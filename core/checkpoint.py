@@ -32,6 +32,10 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint in the run directory was written by a different training configuration."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A complete checkpoint cannot be loaded; a retry would pick the same one (not retryable)."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     step: int

@@ -29,7 +29,30 @@ from core.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-ERROR_FILE = "train_error.json"
+ERROR_FILE = "train_error.json"  # rank 0's; rank R > 0 writes train_error.rank<R>.json
+
+
+def error_file(run_dir: Path, rank: int) -> Path:
+    """Where rank ``rank`` records the exception that stopped it (see ``run_training``)."""
+    return run_dir / (ERROR_FILE if rank == 0 else f"train_error.rank{rank}.json")
+
+
+def _read_errors(run_dir: Path) -> dict:
+    """The failure to report: the first rank's that a retry cannot fix, else rank 0's, else none.
+
+    A rank that fails for good (out of memory, bad data) often leaves rank 0 with only the broken
+    collective it was waiting in, which on its own looks retryable.
+    """
+    found = []
+    for path in sorted(run_dir.glob("train_error*.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except ValueError:  # unreadable: the log's tail tells instead
+            continue
+    final = [e for e in found if e.get("retryable") is False]
+    return (final or found or [{}])[0]
+
+
 # Set for torchrun launches to the supervising process's pid: a rank checks it is its grandparent
 # (supervisor -> torchrun -> rank) to detect a launcher that died before the rank armed its death signal.
 SUPERVISOR_PID_ENV = "DELTATUNE_SUPERVISOR_PID"
@@ -342,15 +365,14 @@ def run_training(
         return train(cfg, run_dir, train_data).summary
     argv = build_command(cfg, run_dir, train_data)
     log.info("launching: %s", " ".join(argv))
-    err_file = run_dir / ERROR_FILE
-    err_file.unlink(missing_ok=True)
+    for stale in run_dir.glob("train_error*.json"):
+        stale.unlink()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.pop(SUPERVISOR_PID_ENV, None)
-    if (
-        resolve_launcher(cfg) == "torchrun"
-    ):  # its ranks are its own children (the deepspeed launcher's are not)
+    # torchrun's ranks are its own children (the deepspeed launcher's are not): see core.train's top.
+    if resolve_launcher(cfg) == "torchrun":
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
     progress = _MetricsProgress.for_run(cfg, run_dir, train_data) if sys.stderr.isatty() else None
     try:
@@ -361,10 +383,7 @@ def run_training(
         if progress is not None:
             progress.close()
     if rc != 0:
-        try:
-            info = json.loads(err_file.read_text()) if err_file.is_file() else {}
-        except ValueError:  # unreadable: fall back to the log's tail
-            info = {}
+        info = _read_errors(run_dir)
         detail = f"{info['type']}: {info['message']}" if info else "\n".join(tail[-15:])
         raise TrainingFailed(
             f"training exited with code {rc}: {detail}", retryable=info.get("retryable", True)

@@ -62,7 +62,7 @@ from core.adapter import adapter_params, save_adapter
 from core.config import RunConfig, read_resolved
 from core.data import collate, load_split
 from core.fsutil import writing_dir
-from core.launch import ERROR_FILE, is_retryable, set_pdeathsig
+from core.launch import error_file, is_retryable, set_pdeathsig
 from core.lora import count_parameters, inject_lora
 from core.modeling import load_model, load_tokenizer, pick_device, resolve_source
 
@@ -363,7 +363,10 @@ class DeepSpeedBackend(_Backend):
             load_lr_scheduler_states=True,
         )
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+            raise ckpt.UnreadableCheckpointError(
+                f"DeepSpeed could not load checkpoint {path}; delete that directory to resume from the "
+                "one before it, or start fresh under a new run name"
+            )
 
     def all_reduce_sum(self, t):
         import torch.distributed as dist
@@ -718,11 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(read_resolved(args.run_dir), args.run_dir, args.train_data)
     except Exception as e:
-        if env.is_main:  # the supervisor reads this to decide whether a retry can help
-            err = {"type": type(e).__name__, "message": str(e), "retryable": is_retryable(e)}
-            path = Path(args.run_dir) / ERROR_FILE
-            path.with_suffix(".tmp").write_text(json.dumps(err))
-            path.with_suffix(".tmp").replace(path)  # a rank killed mid-write leaves no torn file
+        # Every rank records its own failure; the supervisor reads them to decide whether a retry can help.
+        err = {"type": type(e).__name__, "message": str(e), "retryable": is_retryable(e), "rank": env.rank}
+        path = error_file(Path(args.run_dir), env.rank)
+        path.with_suffix(".tmp").write_text(json.dumps(err))
+        path.with_suffix(".tmp").replace(path)  # a rank killed mid-write leaves no torn file
         raise
     _leave_process_group()
     return 0

@@ -475,3 +475,39 @@ def test_ranks_that_see_different_run_dirs_fail_together_instead_of_hanging(star
         assert got == ["ok", "ok"]
     else:
         assert got[0] == got[1] and "every node must see the same run directory" in got[0], got
+
+
+_RANK1_OOM = """
+import os
+if os.environ.get("RANK") == "1":
+    import torch
+    import core.data as _data
+
+    _real, _calls = _data.collate, [0]
+
+    def collate(*args, **kwargs):
+        _calls[0] += 1
+        if _calls[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return _real(*args, **kwargs)
+
+    _data.collate = collate
+"""
+
+
+def test_a_final_failure_on_another_rank_is_not_retried(make_run, tmp_path: Path, monkeypatch):
+    """Rank 1 runs out of memory; rank 0 only sees its peer vanish (a retryable-looking error).
+    Every rank records its failure, and the supervisor reports rank 1's, which a retry cannot fix."""
+    from core.launch import TrainingFailed
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_RANK1_OOM)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    cfg, train_dir = make_run("method=lora", "name=oom")
+    with pytest.raises(TrainingFailed) as err:
+        run_training(cfg, cfg.run_dir, train_dir, on_line=lambda s: None)
+    assert err.value.retryable is False
+    assert "OutOfMemoryError" in str(err.value) and "simulated" in str(err.value)
+    assert json.loads((cfg.run_dir / "train_error.rank1.json").read_text())["rank"] == 1
+    assert_no_orphans(cfg.run_dir)

@@ -338,7 +338,7 @@ def test_run_training_bad_data_is_not_retryable(run_config, tmp_path):
     assert err.value.retryable is False
     assert "DataError" in str(err.value) and "not a prepared split" in str(err.value)
     info = json.loads((cfg.run_dir / ERROR_FILE).read_text())
-    assert info == {"type": "DataError", "message": info["message"], "retryable": False}
+    assert info == {"type": "DataError", "message": info["message"], "retryable": False, "rank": 0}
     assert any("Traceback" in ln for ln in lines)  # the child's output was streamed
 
 
