@@ -211,19 +211,28 @@ def _check_reachable(store: _Store) -> None:
             raise StoreUnavailableError(f"artifact store {store.uri} is a file, expected a directory")
         return
     top = root.split("/", 1)[0]  # the bucket for object stores
-    try:
-        fs.ls(top, detail=False)
-    except FileNotFoundError:
-        raise StoreUnavailableError(
-            f"artifact store {store.uri}: {top!r} does not exist; create the bucket first"
-        ) from None
-    except PermissionError as exc:
-        raise StoreUnavailableError(f"artifact store {store.uri}: access denied to {top!r} ({exc})") from None
-    except Exception as exc:  # network errors come in many types (botocore, aiohttp, OSError)
-        raise StoreUnavailableError(
-            f"cannot reach artifact store {store.uri} ({type(exc).__name__}: {exc}); check the endpoint, "
-            f"network and credentials in storage_options"
-        ) from None
+    # The store's own prefix first: credentials scoped to that prefix may not list the bucket's root.
+    for path in dict.fromkeys([root, top]):
+        try:
+            fs.ls(path, detail=False, refresh=True)
+            return
+        except FileNotFoundError:
+            if path == top:
+                raise StoreUnavailableError(
+                    f"artifact store {store.uri}: {top!r} does not exist; create the bucket first"
+                ) from None
+            # an empty prefix (nothing published yet): ask whether the bucket exists
+        except PermissionError as exc:
+            if path == top and top != root:
+                return  # may list the store's prefix, not the bucket: the claim write will tell
+            raise StoreUnavailableError(
+                f"artifact store {store.uri}: access denied to {path!r} ({exc})"
+            ) from None
+        except Exception as exc:  # network errors come in many types (botocore, aiohttp, OSError)
+            raise StoreUnavailableError(
+                f"cannot reach artifact store {store.uri} ({type(exc).__name__}: {exc}); check the "
+                "endpoint, network and credentials in storage_options"
+            ) from None
 
 
 def _put_bytes(store: _Store, path: str, data: bytes, *, create_only: bool) -> None:

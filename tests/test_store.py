@@ -371,6 +371,29 @@ def test_unusable_stores_give_clear_errors(moto_s3: Any, tmp_path: Path, sources
     assert DUMMY_SECRET not in str(info.value)
 
 
+def test_credentials_scoped_to_the_store_prefix_can_publish(
+    moto_s3: Any,  # noqa: F811
+    sources: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An IAM policy that allows s3:ListBucket only under the store's prefix: listing the bucket's root
+    is denied (moto does not enforce IAM here, so that one denial is injected), all else is real S3."""
+    import s3fs
+
+    real_ls = s3fs.S3FileSystem.ls
+
+    def ls(self: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        if path.strip("/") == moto_s3.bucket:
+            raise PermissionError("Access Denied (ListBucket on the bucket root)")
+        return real_ls(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "ls", ls)
+    uri = f"s3://{moto_s3.bucket}/team-a/models"
+    result = store.publish(uri, "tiny", sources, storage_options=moto_s3.storage_options)
+    assert result.version == "v0001"
+    store.verify_version(uri, "tiny", "v0001", storage_options=moto_s3.storage_options)
+
+
 def test_file_uri_and_relative_paths(
     tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
