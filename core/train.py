@@ -228,12 +228,16 @@ class PlainBackend(_Backend):
             self.scaler.unscale_(self.opt)
         clip = self.cfg.train.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        skipped = False
         if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.opt)  # skips the update when a gradient overflowed ...
+            self.scaler.update()  # ... and lowers the scale
+            skipped = self.scaler.get_scale() < scale
         else:
             self.opt.step()
-        self.sched.step()
+        if not skipped:  # as DeepSpeed's fp16 engine: a skipped update does not advance the schedule
+            self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return float(norm)
 

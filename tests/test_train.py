@@ -493,3 +493,16 @@ def test_fp16_loss_scale_is_part_of_the_checkpoint(run_config, tmp_path):
     assert b.scaler.get_scale() == 65536.0
     b.load(tmp_path)
     assert b.scaler.state_dict() == a.scaler.state_dict() and b.scaler.get_scale() == 1024.0
+
+    # An overflowing step is skipped and, as in DeepSpeed's fp16 engine, does not advance the schedule.
+    a.scaler.update(new_scale=3e38)  # scaled loss and gradients overflow to inf
+    before = (a.sched.last_epoch, [p.detach().clone() for p in a.model.parameters() if p.requires_grad])
+    a.forward_backward({"input_ids": ids, "labels": ids}, step_tokens=22)
+    a.optimizer_step()
+    assert a.scaler.get_scale() < 3e38 and a.sched.last_epoch == before[0]
+    after = [p for p in a.model.parameters() if p.requires_grad]
+    assert all(torch.equal(x, y) for x, y in zip(before[1], after, strict=True))
+    a.scaler.update(new_scale=1024.0)
+    a.forward_backward({"input_ids": ids, "labels": ids}, step_tokens=22)
+    a.optimizer_step()  # a normal step again
+    assert a.sched.last_epoch == before[0] + 1
