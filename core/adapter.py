@@ -157,6 +157,15 @@ def save_adapter(
     expected = [f"{PREFIX}{n}.lora_{ab}.weight" for n in targets for ab in "AB"]
     check_adapter_tensors(sd, expected, require_trained=require_trained)
     with writing_dir(out_dir) as tmp:
+        # Tied weights (embed_tokens and lm_head both in modules_to_save) share one storage, which
+        # safetensors refuses: every tensor after the first on a storage is written as a copy.
+        seen: set[int] = set()
+        own = {}
+        for k, v in sd.items():
+            ptr = v.untyped_storage().data_ptr()
+            own[k] = v.detach().clone() if ptr in seen else v.detach().contiguous()
+            seen.add(ptr)
+        sd = own
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config_dict(cfg, base_model, targets), indent=2))
     log.info("saved adapter: %d tensors to %s", len(sd), out_dir)

@@ -137,8 +137,12 @@ def evaluate(
         # One model: the base is the same weights with the adapters bypassed (for QLoRA, the same
         # 4-bit base the adapter was trained on).
         model = load_model(cfg.model, quant=quant, device=device)
+        if cfg.eval.compare_base and cfg.lora.modules_to_save:
+            # Loading the adapter overwrites the modules_to_save weights (embeddings, head): bypassing
+            # the LoRA layers would not give the base back, so score it before.
+            results["base"] = score_model(model, rows, tokenizer, cfg.eval)
         load_adapter(model, trained)
-        if cfg.eval.compare_base:
+        if cfg.eval.compare_base and "base" not in results:
             with disable_adapters(model):
                 results["base"] = score_model(model, rows, tokenizer, cfg.eval)
         results["tuned"] = score_model(model, rows, tokenizer, cfg.eval)

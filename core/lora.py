@@ -54,8 +54,10 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base_layer.weight
-        if dtype is None:  # a 4-bit base stores uint8: train the adapter in fp32 then
-            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        if dtype is None:
+            # fp32 adapters on a half-precision or 4-bit (uint8) base, as PEFT's autocast_adapter_dtype:
+            # small updates to bf16/fp16 weights round away, and GradScaler refuses fp16 gradients.
+            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         factory = {"device": weight.device if weight.device.type != "meta" else None, "dtype": dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)  # (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # (out, r)
@@ -86,9 +88,15 @@ class LoRALinear(nn.Module):
             x = x.to(a_w.dtype)
         x = self.lora_dropout(x)  # nn.Identity at dropout 0: returns x itself, no copy
         # Add out of place when the base output cannot take it in place: another dtype (a bf16 4-bit
-        # compute dtype), or a view, which autograd forbids modifying when a custom Function made it
-        # (bitsandbytes' MatMul4Bit with a bias on 3-D input) and which gains nothing otherwise.
-        if out.dtype != b_w.dtype or not out.is_contiguous() or out._is_view():
+        # compute dtype); a view, which autograd forbids modifying when a custom Function made it
+        # (bitsandbytes' MatMul4Bit with a bias on 3-D input) and which gains nothing otherwise; or an
+        # output a forward hook on the base has seen, and may have kept, as the base's own.
+        if (
+            out.dtype != b_w.dtype
+            or not out.is_contiguous()
+            or out._is_view()
+            or self.base_layer._forward_hooks
+        ):
             return out + (F.linear(F.linear(x, a_w), b_w) * self.scaling).to(out.dtype)
         return _LoRAAddInPlace.apply(out, x, a_w, b_w, self.scaling)
 
@@ -424,7 +432,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone (adapters bypassed, nothing merged or copied)."""
+    """Run the base model alone (adapters bypassed, nothing merged or copied).
+
+    Only the LoRA layers are bypassed: ``modules_to_save`` loaded from an adapter replaced the base
+    weights of those modules, so score such a base before loading the adapter (core.evaluate does).
+    """
     mods = [m for _, m in lora_modules(model)]
     if any(m.merged for m in mods):
         raise RuntimeError("adapters are merged into the weights; unmerge_adapters(model) before disabling")

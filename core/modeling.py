@@ -57,8 +57,20 @@ def _remote_listing(fs, root: str) -> list[tuple[str, int, str]]:
         if info.get("type", "file") != "file" or not path.startswith(prefix):
             continue
         version = next((info[k] for k in _VERSION_FIELDS if info.get(k) is not None), "")
-        listing.append((path[len(prefix) :], int(info.get("size") or 0), str(version)))
+        listing.append((_safe_relpath(path[len(prefix) :], root), int(info.get("size") or 0), str(version)))
     return sorted(listing)
+
+
+def _safe_relpath(rel: str, root: str) -> str:
+    """An object key below ``root`` as a relative local path, or an error: object keys are arbitrary
+    strings, and ``a/../../x`` or ``/abs`` would write outside the cache (a .pth into site-packages)."""
+    parts = rel.split("/")
+    if not rel or any(p in ("", ".", "..") for p in parts) or "\\" in rel:
+        raise ValueError(
+            f"refusing to fetch {root}: object key {rel!r} is not a plain relative path (empty, '.' or "
+            "'..' parts, or a backslash) and could write outside the model cache"
+        )
+    return rel
 
 
 def _fetch_remote_dir(uri: str, storage_options: dict) -> Path:

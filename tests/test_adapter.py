@@ -125,6 +125,24 @@ def test_modules_to_save_round_trip(tmp_path, ids):
     assert torch.equal(logits(dst, ids), logits(src, ids))
 
 
+def test_tied_embeddings_both_in_modules_to_save_save_and_load(tmp_path, ids):
+    """Llama-3.2/Qwen2.5/Gemma tie lm_head to embed_tokens: one storage under two keys, which
+    safetensors refuses unless each is written as its own tensor."""
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    src = tiny_llama(tie_word_embeddings=True)
+    inject_lora(src, cfg)
+    assert src.lm_head.weight.data_ptr() == src.model.embed_tokens.weight.data_ptr()
+    perturb([m.lora_B.weight for _, m in lora_modules(src)] + [src.lm_head.weight], seed=4)
+    out = save_adapter(src, tmp_path / "a", cfg, base_model=BASE)
+    sd = load_file(str(out / WEIGHTS_NAME))
+    assert torch.equal(
+        sd["base_model.model.lm_head.weight"], sd["base_model.model.model.embed_tokens.weight"]
+    )
+    dst = tiny_llama(tie_word_embeddings=True)
+    load_adapter(dst, out)
+    assert torch.equal(logits(dst, ids), logits(src, ids))
+
+
 # --- interoperability with PEFT -------------------------------------------------------------------
 
 

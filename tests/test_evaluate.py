@@ -68,3 +68,17 @@ def test_plain_text_rows_are_scored_by_loss_without_generation(run_config, tmp_p
         assert results[side]["exact_match"] is None and results[side]["generated"] == 0
         assert results[side]["loss"] > 0
     assert "exact_match" not in results["delta"] and "loss" in results["delta"]
+
+
+def test_base_score_is_the_base_even_when_the_adapter_replaces_modules(run_config):
+    """modules_to_save (here the head) overwrite base weights when the adapter loads: the base must
+    be scored before that, and equal a plain base model's score."""
+    from core.evaluate import score_model
+
+    cfg, eval_dir, adapter = _trained_run(run_config, "lora.modules_to_save=[lm_head]", "train.lr=1e-2")
+    results = evaluate(cfg, cfg.run_dir, eval_dir, adapter)
+    plain = score_model(
+        load_model(cfg.model), list(load_split(eval_dir)), load_tokenizer(cfg.model), cfg.eval
+    )
+    assert results["base"]["loss"] == pytest.approx(plain["loss"], abs=1e-6)
+    assert results["tuned"]["loss"] != pytest.approx(plain["loss"], abs=1e-4)

@@ -407,3 +407,35 @@ def test_inject_twice_raises(model):
         inject_lora(model, LoraConfig(r=4))
     # no LoRALinear got wrapped inside another
     assert not any(isinstance(m.base_layer, LoRALinear) for _, m in lora_modules(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapters_on_a_half_precision_base_train_in_fp32(dtype):
+    """As PEFT's autocast_adapter_dtype: bf16 rounds small updates away, and GradScaler refuses fp16
+    gradients, so the adapter weights stay fp32 while the base computes in half precision."""
+    from core.lora import inject_lora, lora_modules
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama().to(dtype)
+    inject_lora(model, LoraConfig(r=4))
+    for _, m in lora_modules(model):
+        assert m.lora_A.weight.dtype == m.lora_B.weight.dtype == torch.float32
+        assert m.base_layer.weight.dtype == dtype
+        m.lora_B.weight.data.normal_(0.0, 0.05)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == dtype and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [m.lora_A.weight.grad for _, m in lora_modules(model)]
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_forward_hook_on_the_base_sees_the_base_output_it_kept():
+    layer = make_layer(bias=True, r=4, alpha=8.0, rslora=False)
+    kept: list[torch.Tensor] = []
+    layer.base_layer.register_forward_hook(lambda mod, inp, out: kept.append(out))
+    x = torch.randn(3, 32)
+    y = layer(x)
+    base = layer.base_layer.weight, layer.base_layer.bias
+    torch.testing.assert_close(kept[0], x @ base[0].t() + base[1])  # not overwritten by the adapter add
+    assert not torch.allclose(y, kept[0])

@@ -80,3 +80,14 @@ def test_missing_remote_dir_says_what_to_check(moto_s3, tmp_path, monkeypatch):
     options = {"client_kwargs": {"endpoint_url": moto_s3.endpoint_url}}
     with pytest.raises(FileNotFoundError, match="model.storage_options"):
         resolve_source(f"s3://{moto_s3.bucket}/nothing-here", storage_options=options)
+
+
+@pytest.mark.parametrize("key", ["../../escaped.txt", "/abs/escaped.txt", "sub/./x.txt"])
+def test_object_keys_that_would_escape_the_cache_are_refused(remote_model, tmp_path, key):
+    """Object keys are arbitrary strings: m/../../x or m//abs would be written outside the cache (a
+    .pth dropped into site-packages runs code: the safetensors-only rule would mean nothing)."""
+    fs, uri, options = remote_model
+    fs.pipe_file(f"{uri.removeprefix('s3://')}/{key}", b"payload")
+    with pytest.raises(ValueError, match="not a plain relative path"):
+        resolve_source(uri, storage_options=options)
+    assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "cache" / "remote-models").exists()
