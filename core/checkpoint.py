@@ -55,7 +55,16 @@ def training_fingerprint(cfg: RunConfig) -> str:
     """
     t = cfg.train.model_dump(
         mode="json",
-        exclude={"retries", "retry_delay_s", "timeout_s", "save_every", "keep_last", "log_every", "launcher"},
+        exclude={
+            "retries",
+            "retry_delay_s",
+            "timeout_s",
+            "save_every",
+            "keep_last",
+            "keep_checkpoints",
+            "log_every",
+            "launcher",
+        },
     )
     t.update(node_rank=None, master_addr=None, master_port=None, hostfile=None)
     if cfg.train.deepspeed_config and Path(cfg.train.deepspeed_config).is_file():
@@ -120,6 +129,27 @@ def latest_complete(
             f"{str(last.meta.get('data_fingerprint'))[:12]} != {data[:12]}); {fix}"
         )
     return last
+
+
+def discard_finished(ckpt_root: Path, summary: dict[str, Any]) -> bool:
+    """Remove ``ckpt_root`` if its checkpoints belong to the finished run ``summary`` describes.
+
+    A finished run needs no resume, so its checkpoints (kept by ``train.keep_checkpoints``, or left
+    by a crash between the summary and their removal) must not block a new run under the same name
+    with another config or data: only an *unfinished* run's checkpoints are protected by a refusal.
+    """
+    done = list_complete(ckpt_root)
+    if not done:
+        return False
+    last = done[-1].meta
+    if (last.get("fingerprint"), last.get("data_fingerprint")) != (
+        summary.get("fingerprint"),
+        summary.get("data_fingerprint"),
+    ):
+        return False
+    shutil.rmtree(ckpt_root)
+    log.info("removed %s: the checkpoints of a finished run (%s)", ckpt_root, summary.get("fingerprint"))
+    return True
 
 
 def mark_complete(path: Path, meta: dict[str, Any]) -> None:

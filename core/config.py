@@ -194,6 +194,8 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on capable GPUs, fp32 on CPU
     save_every: NonNegInt = 50  # optimizer steps between step checkpoints; 0 disables them
     keep_last: PositiveInt = 2
+    # Step checkpoints exist to resume an unfinished run; a finished run's outputs supersede them.
+    keep_checkpoints: bool = False  # keep them after the run finishes (e.g. to study the trajectory)
     log_every: PositiveInt = 10  # steps between log lines (metrics.jsonl gets every step)
     # Launch (method full always runs under DeepSpeed; lora/qlora may run in-process on one CPU/GPU).
     num_processes: PositiveInt = 1  # per node

@@ -138,7 +138,13 @@ def preflight(cfg: RunConfig, run_dir: str | Path, train_data: str | Path | None
         )
     try:
         data = ckpt.data_fingerprint(train_data) if train_data is not None else None
-        ckpt.latest_complete(Path(run_dir) / "checkpoints", ckpt.training_fingerprint(cfg), data)
+        fingerprint, root = ckpt.training_fingerprint(cfg), Path(run_dir) / "checkpoints"
+        summary = Path(run_dir) / "train_summary.json"
+        if summary.is_file():  # a finished run's checkpoints do not hold a new config or data back
+            finished = json.loads(summary.read_text())
+            if (finished.get("fingerprint"), finished.get("data_fingerprint")) != (fingerprint, data):
+                ckpt.discard_finished(root, finished)
+        ckpt.latest_complete(root, fingerprint, data)
     except ckpt.CheckpointMismatchError as e:
         problems.append(str(e))
     if problems:

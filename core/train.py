@@ -651,6 +651,8 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(summary_path)
         log.info("training done: %s", json.dumps(summary))
+        if not cfg.train.keep_checkpoints and ckpt_root.is_dir():
+            shutil.rmtree(ckpt_root)  # the outputs and summary supersede them; a new config starts clean
     return TrainResult(out, summary)
 
 

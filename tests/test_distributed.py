@@ -419,6 +419,7 @@ def test_two_nodes_train_as_one_job_on_a_shared_run_dir(make_run):
         f"train.master_port={port}",
         "train.zero_stage=2",
         "train.save_every=3",
+        "train.keep_checkpoints=true",
     )
     nodes = [make_run(*common, "name=nodes", f"train.node_rank={n}")[0] for n in (0, 1)]
     one_host, train_dir = make_run(*common[:3], "train.zero_stage=2", "name=one-host")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -249,7 +248,9 @@ def _junk_dir(path: Path) -> None:
 
 
 def test_checkpoints_complete_only_pruned_after_newer_and_torn_dirs_cleaned(run_config, monkeypatch):
-    cfg = run_config("train.max_steps=12", "train.save_every=3", "train.keep_last=2")
+    cfg = run_config(
+        "train.max_steps=12", "train.save_every=3", "train.keep_last=2", "train.keep_checkpoints=true"
+    )
     train_dir = _prepare(cfg)
     root = cfg.run_dir / "checkpoints"
     # left by a killed attempt: torn dirs (no COMPLETE), and a marker that is not JSON
@@ -301,10 +302,13 @@ def test_checkpoints_complete_only_pruned_after_newer_and_torn_dirs_cleaned(run_
 
 
 def test_resume_with_another_config_is_refused(run_config):
-    cfg = run_config("train.max_steps=4", "train.save_every=2", "train.lr=1e-3")
+    cfg = run_config(
+        "train.max_steps=4", "train.save_every=2", "train.lr=1e-3", "train.keep_checkpoints=true"
+    )
     train_dir = _prepare(cfg)
     train(cfg, cfg.run_dir, train_dir)
     assert [c.step for c in ckpt.list_complete(cfg.run_dir / "checkpoints")] == [2]
+    (cfg.run_dir / SUMMARY).unlink()  # as if killed after checkpoint 2: an unfinished run
 
     changed = run_config("train.max_steps=4", "train.save_every=2", "train.lr=2e-3")
     with pytest.raises(ckpt.CheckpointMismatchError, match="different training configuration") as err:
@@ -426,8 +430,16 @@ def test_changed_data_under_the_same_path_retrains_and_refuses_old_checkpoints(r
     ]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = run_config("name=data-change", f"data.path={data}", "train.max_steps=4", "train.save_every=2")
+    cfg = run_config(
+        "name=data-change",
+        f"data.path={data}",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.keep_checkpoints=true",
+    )
     first = train(cfg, cfg.run_dir, _prepare(cfg)).summary
+    summary = (cfg.run_dir / SUMMARY).read_text()
+    (cfg.run_dir / SUMMARY).unlink()  # as if killed after checkpoint 2: an unfinished run
 
     data.write_text("".join(json.dumps({**r, "output": r["output"].upper()}) + "\n" for r in rows))
     split = _prepare(cfg)
@@ -437,8 +449,11 @@ def test_changed_data_under_the_same_path_retrains_and_refuses_old_checkpoints(r
         train(cfg, cfg.run_dir, split)
     with pytest.raises(PreflightError, match="different data"):
         preflight(cfg, cfg.run_dir, split)
-    # Without old checkpoints, the finished run is not taken for this one: it trains again.
-    shutil.rmtree(cfg.run_dir / "checkpoints")
+    # Had the first run finished, its checkpoints hold nothing back: preflight drops them, and the
+    # finished run is not taken for this one: it trains again.
+    (cfg.run_dir / SUMMARY).write_text(summary)
+    preflight(cfg, cfg.run_dir, split)
+    assert not (cfg.run_dir / "checkpoints").exists()
     second = train(cfg, cfg.run_dir, split).summary
     assert second["data_fingerprint"] != first["data_fingerprint"] and second["resumed_from_step"] is None
 
@@ -506,3 +521,16 @@ def test_fp16_loss_scale_is_part_of_the_checkpoint(run_config, tmp_path):
     a.forward_backward({"input_ids": ids, "labels": ids}, step_tokens=22)
     a.optimizer_step()  # a normal step again
     assert a.sched.last_epoch == before[0] + 1
+
+
+def test_a_finished_run_leaves_no_checkpoints_so_a_changed_config_trains_fresh(run_config):
+    """The nightly retrain on new data, or an on-demand run with another lr, under the same run name."""
+    cfg = run_config("name=rerun", "train.max_steps=4", "train.save_every=2")
+    train_dir = _prepare(cfg)
+    train(cfg, cfg.run_dir, train_dir)
+    assert not (cfg.run_dir / "checkpoints").exists()  # the finished outputs supersede them
+
+    changed = run_config("name=rerun", "train.max_steps=4", "train.save_every=2", "train.lr=5e-4")
+    preflight(changed, changed.run_dir, train_dir)
+    again = train(changed, changed.run_dir, train_dir).summary
+    assert again["resumed_from_step"] is None and again["fingerprint"] == ckpt.training_fingerprint(changed)
