@@ -33,7 +33,14 @@ def resolve_source(name_or_path: str, *, storage_options: dict | None = None) ->
 
     if "://" in name_or_path and not name_or_path.startswith("file://"):
         return str(_fetch_remote_dir(name_or_path, storage_options or {}))
-    return resolve_model_path(name_or_path.removeprefix("file://"))
+    path = name_or_path.removeprefix("file://")
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        # A path, not a hub id ("org/name"): say so, instead of the hub's "Repo id must be in the form".
+        raise FileNotFoundError(
+            f"model.name_or_path={name_or_path} does not exist; give a model directory (config.json and "
+            "*.safetensors), a hub id such as meta-llama/Meta-Llama-3-8B, an s3:// URI, or builtin:tiny-llama"
+        )
+    return resolve_model_path(path)
 
 
 _VERSION_FIELDS = (

@@ -184,6 +184,11 @@ class _Store:
         return f"{self.uri.rstrip('/')}/{model}/versions/{version}"
 
 
+def check_store(store_uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise ``StoreUnavailableError`` now if the store cannot be reached (before hours of training)."""
+    _open_store(store_uri, storage_options)
+
+
 def _open_store(store_uri: str, storage_options: Mapping[str, Any] | None) -> _Store:
     """Resolve a store URI to a filesystem and root path, and check the store is reachable."""
     if not store_uri or not isinstance(store_uri, str):
@@ -231,7 +236,8 @@ def _check_reachable(store: _Store) -> None:
         except Exception as exc:  # network errors come in many types (botocore, aiohttp, OSError)
             raise StoreUnavailableError(
                 f"cannot reach artifact store {store.uri} ({type(exc).__name__}: {exc}); check the "
-                "endpoint, network and credentials in storage_options"
+                "endpoint (storage_options.client_kwargs.endpoint_url), the network, and the credentials "
+                "in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)"
             ) from None
 
 

@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from flows.finetune import finetune
 
-    result = finetune(config=config, overrides=args.overrides)
+    try:
+        result = finetune(config=config, overrides=args.overrides)
+    except Exception as e:  # the flow's log above holds the traceback; end on the one line that matters
+        print(f"deltatune: run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(_brief(result), indent=2))
     return 0
 

@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 
 from core.config import RUN_CONFIG_NAME, load_config, write_resolved
 from core.launch import node_rank
+from core.store import check_store
 from tasks.evaluate import evaluate
 from tasks.merge import merge
 from tasks.prepare import prepare
@@ -34,6 +35,8 @@ def finetune(config: str | None = None, overrides: list[str] | None = None) -> d
     # Multi-node: the flow runs on every node (started by the cluster's scheduler); each prepares its
     # own copy of the data and launches its ranks; node 0 alone evaluates, merges and publishes.
     node = node_rank(cfg) if cfg.train.num_nodes > 1 else 0
+    if cfg.publish.enabled and node == 0:  # an unreachable store fails the run now, not after training
+        check_store(cfg.publish.store, cfg.publish.storage_options)
     data = prepare(run_dir, "data" if node == 0 else f"data-node{node}")
     trained = train.with_options(retries=cfg.train.retries, retry_delay_seconds=cfg.train.retry_delay_s)(
         run_dir, data["train_dir"], node_rank=node

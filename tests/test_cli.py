@@ -44,3 +44,21 @@ def test_make_tiny_model_builds_a_loadable_model(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert model.config.hidden_size % 32 == 0
+
+
+def test_failed_run_ends_on_one_line_naming_the_problem(tmp_path):
+    """A model path that does not exist fails in the first stage, and the last line says what to fix."""
+    out = _cli(
+        "run",
+        "--set",
+        f"model.name_or_path={tmp_path / 'no-such-model'}",
+        "--set",
+        f"output_dir={tmp_path / 'runs'}",
+        "--set",
+        f"publish.store={tmp_path / 'artifacts'}",
+    )
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("deltatune: run failed: FileNotFoundError: model.name_or_path=")
+    assert "does not exist" in last and "hub id" in last
+    assert not (tmp_path / "runs" / "demo" / "metrics.jsonl").exists()

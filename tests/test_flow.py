@@ -265,3 +265,17 @@ def test_publish_task_retry_resumes_the_claimed_version(prefect_harness, run_con
     assert len(calls) == 3
     assert store.list_versions(cfg.publish.store, "pub") == ["v0001"]
     assert not (cfg.run_dir / STATE).exists()
+
+
+def test_unreachable_store_fails_the_run_before_any_training(prefect_harness, run_config, tmp_path):
+    from core.store import StoreUnavailableError
+
+    cfg = run_config(
+        "name=nostore",
+        "publish.store=s3://models/deltatune",
+        "publish.storage_options={client_kwargs: {endpoint_url: 'http://127.0.0.1:9'}, "
+        "config_kwargs: {retries: {max_attempts: 1}, connect_timeout: 1}}",
+    )
+    with pytest.raises(StoreUnavailableError, match="cannot reach artifact store s3://models/deltatune"):
+        run_flow(cfg, tmp_path)
+    assert not (cfg.run_dir / "data").exists() and not (cfg.run_dir / "metrics.jsonl").exists()
