@@ -544,31 +544,41 @@ def publish(
             version=version,
             token=token,
         ) from exc
-    _tidy_staging(store, model, version)
     logger.info(
         "published %s (%d uploaded, %d resumed)",
         store.version_uri(model, version),
         len(uploaded),
         len(skipped),
     )
+    return _published(store, model, version, entries, data, token, uploaded, skipped)
+
+
+def _published(
+    store: _Store,
+    model: str,
+    version: str,
+    entries: list[FileEntry],
+    manifest: bytes,
+    token: str,
+    uploaded: list[str],
+    skipped: list[str],
+) -> PublishResult:
+    """Tidy a published version's staging sidecars and describe it. Failing to tidy must not fail
+    (or repeat) the publish."""
+    try:
+        _remove_quietly(store, f"{store.version_dir(model, version)}/{STAGING_DIR}", recursive=True)
+    except Exception as exc:
+        logger.warning("published %s/%s but could not remove its staging files: %s", model, version, exc)
     return PublishResult(
         model=model,
         version=version,
         uri=store.version_uri(model, version),
-        manifest_sha256=hashlib.sha256(data).hexdigest(),
+        manifest_sha256=hashlib.sha256(manifest).hexdigest(),
         files=entries,
         uploaded=uploaded,
         skipped=skipped,
         token=token,
     )
-
-
-def _tidy_staging(store: _Store, model: str, version: str) -> None:
-    """Remove a published version's staging sidecars. Failing to must not fail (or repeat) the publish."""
-    try:
-        _remove_quietly(store, f"{store.version_dir(model, version)}/{STAGING_DIR}", recursive=True)
-    except Exception as exc:
-        logger.warning("published %s/%s but could not remove its staging files: %s", model, version, exc)
 
 
 def _published_as_is(
@@ -587,16 +597,7 @@ def _published_as_is(
             "publish this run as a new version"
         )
     logger.info("%s/%s was already published by an earlier attempt; nothing to do", model, version)
-    _tidy_staging(store, model, version)
-    return PublishResult(
-        model=model,
-        version=version,
-        uri=store.version_uri(model, version),
-        manifest_sha256=hashlib.sha256(data).hexdigest(),
-        files=entries,
-        skipped=[e.path for e in entries],
-        token=token,
-    )
+    return _published(store, model, version, entries, data, token, [], [e.path for e in entries])
 
 
 # ----------------------------------------------------------------------------- read side
