@@ -48,6 +48,8 @@ _FIELDS = {
     "text": "text",
     "chat": "messages: [{role, content}, ...] with at least one assistant turn",
 }
+# The field that tells each format's rows apart, to suggest data.format when every row is rejected.
+_TELLTALE = {"alpaca": "instruction", "completion": "completion", "text": "text", "chat": "messages"}
 _FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -388,8 +390,11 @@ def _encode_rows(src: _Source, cfg: DataConfig, tokenizer: Any) -> tuple[list[di
     rejected: dict[str, list[int]] = {}
     truncated: list[int] = []
     total = 0
+    fields: set[str] = set()
     for line, row in _iter_rows(src):
         total += 1
+        if isinstance(row, dict) and len(fields) < 64:
+            fields.update(map(str, row))
         try:
             if isinstance(row, _Reject):
                 raise row
@@ -411,11 +416,11 @@ def _encode_rows(src: _Source, cfg: DataConfig, tokenizer: Any) -> tuple[list[di
         "rejected_counts": {k: len(v) for k, v in rejected.items()},
         "truncated": truncated,
     }
-    _check_file(src.name, cfg.format, report)
+    _check_file(src.name, cfg.format, report, fields)
     return kept, report
 
 
-def _check_file(name: str, fmt: str, report: dict[str, Any]) -> None:
+def _check_file(name: str, fmt: str, report: dict[str, Any], fields: set[str] = frozenset()) -> None:
     total, kept, rejected = report["total"], report["kept"], report["rejected"]
     if total == 0:
         raise DataError(f"{name} is empty: no rows found. Format {fmt!r} expects rows with {_FIELDS[fmt]}")
@@ -425,9 +430,13 @@ def _check_file(name: str, fmt: str, report: dict[str, Any]) -> None:
         for reason, lines in top
     )
     if kept == 0:
+        likely = [f for f, field in _TELLTALE.items() if field in fields and f != fmt]
+        hint = (
+            f" The rows have a {_TELLTALE[likely[0]]!r} field: set data.format={likely[0]}?" if likely else ""
+        )
         raise DataError(
             f"{name}: all {total} rows were rejected ({summary}). Format {fmt!r} expects rows with "
-            f"{_FIELDS[fmt]}; fix the rows or set data.format / data.max_seq_len"
+            f"{_FIELDS[fmt]}; fix the rows or set data.format / data.max_seq_len.{hint}"
         )
     if total - kept > REJECT_WARN_FRACTION * total:
         logger.warning("%s: %d of %d rows rejected (%s)", name, total - kept, total, summary)

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("out_dir")
     tiny.add_argument("--pretrain-steps", type=int, default=None)
     args = parser.parse_args(argv)
+    if bad := [o for o in getattr(args, "overrides", []) if "=" not in o]:
+        parser.error(f"--set takes KEY=VALUE in one argument, e.g. --set train.lr=1e-4 (got {bad[0]!r})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
 

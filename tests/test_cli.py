@@ -62,3 +62,9 @@ def test_failed_run_ends_on_one_line_naming_the_problem(tmp_path):
     assert last.startswith("deltatune: run failed: FileNotFoundError: model.name_or_path=")
     assert "does not exist" in last and "hub id" in last
     assert not (tmp_path / "runs" / "demo" / "metrics.jsonl").exists()
+
+
+def test_set_without_equals_says_how_to_write_it():
+    out = _cli("show-config", "--set", "train.lr", "1e-4")
+    assert out.returncode == 2
+    assert "--set takes KEY=VALUE in one argument, e.g. --set train.lr=1e-4 (got 'train.lr')" in out.stderr

@@ -254,6 +254,12 @@ def test_all_bad_file_raises_with_reasons_and_lines(tmp_path, tok):
     assert "missing_field:output: 2 row(s), e.g. line(s) 1, 2" in msg and "malformed_json" in msg
 
 
+def test_chat_rows_read_as_alpaca_suggest_the_chat_format(tmp_path, tok):
+    f = write_jsonl(tmp_path / "chat.jsonl", [CONVERSATION, CONVERSATION])
+    with pytest.raises(DataError, match=r"The rows have a 'messages' field: set data.format=chat\?"):
+        prep(tmp_path, tok, path=str(f))
+
+
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
 def test_empty_file_raises(tmp_path, tok, content):
     f = tmp_path / "empty.jsonl"
