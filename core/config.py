@@ -126,6 +126,9 @@ class DataConfig(_Strict):
     format: Literal["alpaca", "completion", "text", "chat"] = "alpaca"
     eval_path: Location | None = None  # a separate held-out file; else eval_fraction of `path`
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # More rejected rows than this share of a file fails prepare: it is the wrong file or format far
+    # more often than a dataset to train on what is left of. 1.0 accepts any file with a usable row.
+    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
     max_seq_len: PositiveInt = 512
     mask_prompt: bool = True  # loss only on the response tokens (-100 on the prompt)
     add_eos: bool = True

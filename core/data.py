@@ -416,11 +416,13 @@ def _encode_rows(src: _Source, cfg: DataConfig, tokenizer: Any) -> tuple[list[di
         "rejected_counts": {k: len(v) for k, v in rejected.items()},
         "truncated": truncated,
     }
-    _check_file(src.name, cfg.format, report, fields)
+    _check_file(src.name, cfg.format, report, fields, cfg.max_reject_fraction)
     return kept, report
 
 
-def _check_file(name: str, fmt: str, report: dict[str, Any], fields: set[str] = frozenset()) -> None:
+def _check_file(
+    name: str, fmt: str, report: dict[str, Any], fields: set[str] = frozenset(), max_reject: float = 1.0
+) -> None:
     total, kept, rejected = report["total"], report["kept"], report["rejected"]
     if total == 0:
         raise DataError(f"{name} is empty: no rows found. Format {fmt!r} expects rows with {_FIELDS[fmt]}")
@@ -437,6 +439,12 @@ def _check_file(name: str, fmt: str, report: dict[str, Any], fields: set[str] = 
         raise DataError(
             f"{name}: all {total} rows were rejected ({summary}). Format {fmt!r} expects rows with "
             f"{_FIELDS[fmt]}; fix the rows or set data.format / data.max_seq_len.{hint}"
+        )
+    if total - kept > max_reject * total:
+        raise DataError(
+            f"{name}: {total - kept} of {total} rows were rejected ({summary}), more than "
+            f"data.max_reject_fraction={max_reject:g} allows; fix the rows, or raise data.max_reject_fraction "
+            "to train on the rest"
         )
     if total - kept > REJECT_WARN_FRACTION * total:
         logger.warning("%s: %d of %d rows rejected (%s)", name, total - kept, total, summary)

@@ -230,7 +230,7 @@ def test_bad_rows_reported_by_reason_with_line_numbers(tmp_path, tok, caplog):
         ],
     )
     with caplog.at_level(logging.WARNING, logger="core.data"):
-        p = prep(tmp_path, tok, path=str(f))
+        p = prep(tmp_path, tok, path=str(f), max_reject_fraction=1.0)
     report = json.loads(p.report_path.read_text())
     assert report["rejected"] == {
         "malformed_json": [2, 10],
@@ -243,6 +243,14 @@ def test_bad_rows_reported_by_reason_with_line_numbers(tmp_path, tok, caplog):
     assert report["fingerprint"] == p.fingerprint
     assert [r["source_line"] for r in rows_of(p.train_dir)] == [1, 7]
     assert any("7 of 9 rows rejected" in r.getMessage() for r in caplog.records)
+
+
+def test_mostly_bad_file_fails_unless_allowed(tmp_path, tok):
+    rows = [{"instruction": "Say hi", "output": "Hi"}] + [{"instruction": "x"}] * 2
+    f = write_jsonl(tmp_path / "half.jsonl", rows)
+    with pytest.raises(DataError, match=r"2 of 3 rows were rejected .* data.max_reject_fraction=0.5"):
+        prep(tmp_path, tok, path=str(f))
+    assert prep(tmp_path, tok, path=str(f), max_reject_fraction=0.7).num_train == 1
 
 
 def test_all_bad_file_raises_with_reasons_and_lines(tmp_path, tok):
@@ -447,7 +455,9 @@ def test_json_list_and_csv_sources_keep_line_numbers(tmp_path, tok):
     j.write_text(
         '[\n  {"instruction": "Say hello", "output": "Hi"},\n  {"instruction": "x"},\n  {"output": "y"}\n]\n'
     )
-    report = json.loads(prep(tmp_path, tok, out="j", path=str(j)).report_path.read_text())
+    report = json.loads(
+        prep(tmp_path, tok, out="j", path=str(j), max_reject_fraction=1.0).report_path.read_text()
+    )
     assert report["rejected"] == {"missing_field:output": [3], "missing_field:instruction": [4]}
 
     c = tmp_path / "d.csv"
