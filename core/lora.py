@@ -412,7 +412,25 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, m
 
 
+def _untie_adapted_weights(model: nn.Module) -> None:
+    """Give every adapted base weight that is shared with another module (an lm_head tied to the input
+    embeddings) a storage of its own, and record the untying in the config: merging into a tied weight
+    would change the embeddings too, and saving would tie them back."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
+    for name, m in lora_modules(model):
+        w = m.base_layer.weight
+        if uses.get(w.data_ptr(), 0) > 1 and w.dtype.is_floating_point:
+            m.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            config = getattr(model, "config", None)
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+            log.info("untied %s.weight before merging: it was shared with another module", name)
+
+
 def merge_adapters(model: nn.Module) -> None:
+    _untie_adapted_weights(model)
     for _, m in lora_modules(model):
         m.merge()
 
@@ -424,6 +442,7 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the plain base layers back; returns the same model object."""
+    _untie_adapted_weights(model)
     for name, m in list(lora_modules(model)):
         m.merge()
         _set_submodule(model, name, m.base_layer)

@@ -439,3 +439,29 @@ def test_a_forward_hook_on_the_base_sees_the_base_output_it_kept():
     base = layer.base_layer.weight, layer.base_layer.bias
     torch.testing.assert_close(kept[0], x @ base[0].t() + base[1])  # not overwritten by the adapter add
     assert not torch.allclose(y, kept[0])
+
+
+def test_merging_into_a_tied_head_leaves_the_embeddings_alone(tmp_path):
+    """lm_head tied to embed_tokens (Llama-3.2, Qwen2.5, Gemma) and adapted: the merge must not move
+    the input embeddings, and the saved model must not tie the merged head back to them."""
+    from transformers import AutoModelForCausalLM
+
+    from core.lora import inject_lora, lora_modules, merge_and_unload
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(tie_word_embeddings=True)
+    embed_before = model.model.embed_tokens.weight.detach().clone()
+    inject_lora(model, LoraConfig(r=4, target_modules=["lm_head", "q_proj"]))
+    for _, m in lora_modules(model):
+        m.lora_B.weight.data.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        merge_and_unload(model)
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.model.embed_tokens.weight, embed_before)
+    model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
