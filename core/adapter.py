@@ -17,7 +17,7 @@ from torch import nn
 
 from core.config import LoraConfig
 from core.fsutil import writing_dir
-from core.lora import inject_lora, lora_modules, modules_to_save_names
+from core.lora import inject_lora, lora_modules, modules_to_save_names, rank_and_alpha
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,18 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
     if not weights.is_file():
         raise AdapterError(f"{weights} not found; only safetensors adapters are loaded (no pickle)")
     sd = load_file(str(weights))
-    if not any(True for _ in lora_modules(model)):
+    existing = dict(lora_modules(model))
+    if not existing:
         inject_lora(model, cfg)
+    for name, m in existing.items():  # loading into adapters already there: they must be this kind
+        if m.merged:
+            raise AdapterError(f"{name}: the model's adapters are merged; unmerge_adapters(model) first")
+        r, alpha = rank_and_alpha(name, cfg)
+        if (m.r, m.lora_alpha, m.use_rslora) != (r, alpha, cfg.use_rslora):
+            raise AdapterError(
+                f"{name}: the model's adapter has r={m.r}, alpha={m.lora_alpha:g}, rslora={m.use_rslora} but "
+                f"{adapter_dir} has r={r}, alpha={alpha:g}, rslora={cfg.use_rslora}; load it into a fresh base model"
+            )
     params = adapter_params(model, cfg.modules_to_save)
     missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
     if missing or unexpected:

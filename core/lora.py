@@ -362,6 +362,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def rank_and_alpha(name: str, cfg: LoraConfig) -> tuple[int, float]:
+    """The rank and alpha of module ``name`` under ``cfg`` (rank_pattern/alpha_pattern, then r/alpha)."""
+    r = int(_pattern_value(name, cfg.rank_pattern) or cfg.r)
+    return r, float(
+        _pattern_value(name, cfg.alpha_pattern) or (cfg.alpha if cfg.alpha is not None else 2 * r)
+    )
+
+
 def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:
     """Wrap every targeted linear in a :class:`LoRALinear` and freeze all but the adapters.
 
@@ -375,10 +383,7 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:
     lora_params = 0
     for name in targets:
         base = model.get_submodule(name)
-        r = int(_pattern_value(name, cfg.rank_pattern) or cfg.r)
-        alpha = float(
-            _pattern_value(name, cfg.alpha_pattern) or (cfg.alpha if cfg.alpha is not None else 2 * r)
-        )
+        r, alpha = rank_and_alpha(name, cfg)
         _set_submodule(model, name, LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora))
         ranks[name] = r
         lora_params += r * (base.in_features + base.out_features)  # A: r×k, B: d×r

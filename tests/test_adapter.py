@@ -18,7 +18,7 @@ from core.adapter import (
     save_adapter,
 )
 from core.config import LoraConfig
-from core.lora import inject_lora, lora_modules
+from core.lora import inject_lora, lora_modules, merge_adapters, unmerge_adapters
 from tests.conftest import tiny_llama
 
 BASE = "tiny-llama-test"
@@ -341,3 +341,18 @@ def test_load_refuses_missing_files_and_other_types(tmp_path):
     )
     with pytest.raises(AdapterError, match="safetensors"):
         load_adapter(tiny_llama(), tmp_path)
+
+
+def test_loading_into_existing_adapters_of_another_kind_or_merged_is_refused(tmp_path):
+    cfg = LoraConfig(r=4, target_modules=["q_proj"])
+    out = save_adapter(adapted_model(cfg), tmp_path / "a", cfg, base_model=BASE)
+    other = tiny_llama()
+    inject_lora(other, LoraConfig(r=4, alpha=16, target_modules=["q_proj"]))  # alpha 16, file has 2r = 8
+    with pytest.raises(AdapterError, match=r"alpha=16, .* alpha=8,"):
+        load_adapter(other, out)
+    same = adapted_model(cfg)
+    merge_adapters(same)
+    with pytest.raises(AdapterError, match="merged; unmerge_adapters"):
+        load_adapter(same, out)
+    unmerge_adapters(same)
+    load_adapter(same, out)  # same kind, unmerged: loads
