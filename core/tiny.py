@@ -263,11 +263,10 @@ def make_tiny_model(
     )
     if is_complete(out):
         saved = json.loads((out / RECIPE_FILE).read_text())
-        if saved.get("recipe") != recipe:
-            logger.warning(
-                "%s was built with a different recipe %s; reusing it (delete it to rebuild)",
-                out,
-                saved.get("recipe"),
+        if saved.get("recipe") != recipe:  # neither reuse it silently nor overwrite it
+            raise FileExistsError(
+                f"{out} holds a tiny model built with another recipe ({saved.get('recipe')}); delete it "
+                "to rebuild with these settings, or choose another output directory"
             )
         logger.info("tiny model already built at %s", out)
         return out

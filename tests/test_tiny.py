@@ -126,3 +126,12 @@ def test_demo_data_script_is_deterministic(tmp_path: Path) -> None:
     assert all(set(r) == {"instruction", "input", "output"} for r in rows)
     assert len({r["input"] for r in rows}) == len(rows)
     assert (DEMO / "corpus.txt").stat().st_size < 600_000
+
+
+def test_an_existing_build_of_another_recipe_is_neither_reused_nor_overwritten(tmp_path):
+    out = tiny.make_tiny_model(tmp_path / "m", **FAST)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert tiny.make_tiny_model(tmp_path / "m", **FAST) == out  # the same recipe: reused
+    with pytest.raises(FileExistsError, match="another recipe"):
+        tiny.make_tiny_model(tmp_path / "m", **{**FAST, "pretrain_steps": FAST["pretrain_steps"] + 1})
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
