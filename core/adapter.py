@@ -122,9 +122,11 @@ def lora_config_from_peft(d: dict[str, Any]) -> LoraConfig:
         raise AdapterError(
             "adapter uses DoRA, trained biases or fan_in_fan_out, which deltatune does not load"
         )
+    # A field the file leaves out takes PEFT's LoraConfig default (r=8, lora_alpha=8), as PeftModel
+    # would read the same file; our own default alpha = 2r applies to configs we write, never here.
     return LoraConfig(
-        r=d["r"],
-        alpha=d.get("lora_alpha", 2 * d["r"]),
+        r=d.get("r", 8),
+        alpha=d.get("lora_alpha", 8),
         dropout=d.get("lora_dropout", 0.0),
         target_modules=d["target_modules"],
         exclude_modules=d.get("exclude_modules"),

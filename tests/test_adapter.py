@@ -356,3 +356,17 @@ def test_loading_into_existing_adapters_of_another_kind_or_merged_is_refused(tmp
         load_adapter(same, out)
     unmerge_adapters(same)
     load_adapter(same, out)  # same kind, unmerged: loads
+
+
+def test_fields_a_peft_file_leaves_out_take_peft_defaults(tmp_path, ids):
+    peft = pytest.importorskip("peft")
+    cfg = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])  # at r=4, 8/r and 2r/r would agree
+    out = save_adapter(adapted_model(cfg), tmp_path / "a", cfg, base_model=BASE)
+    conf = json.loads((out / CONFIG_NAME).read_text())
+    del conf["lora_alpha"]  # PeftModel then scales by its default 8 / r = 1, not our 2r / r = 2
+    (out / CONFIG_NAME).write_text(json.dumps(conf))
+    ours = tiny_llama()
+    load_adapter(ours, out)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(out)).eval()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-5, rtol=0)
+    assert all(m.scaling == 1.0 for _, m in lora_modules(ours))
