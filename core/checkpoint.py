@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from core.config import RunConfig
-from core.fsutil import fsync_tree
+from core.fsutil import fsync_path, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,8 @@ def mark_complete(path: Path, meta: dict[str, Any]) -> None:
     tmp = path / (COMPLETE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(path / COMPLETE)
-    fsync_tree(path)  # the marker itself, before any predecessor is pruned
+    fsync_path(path / COMPLETE)  # the marker itself, and its entry, before any predecessor is pruned
+    fsync_path(path)
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:

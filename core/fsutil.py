@@ -37,24 +37,29 @@ def fsync_tree(root: str | Path) -> None:
         if path.is_dir():
             dirs.append(path)
         elif path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(d)
+        fsync_path(d)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """Flush one file, or one directory's entries, to stable storage.
+
+    A file's failure raises (an fsync error means the data may not be on disk); a directory's is
+    ignored, since some platforms and filesystems cannot fsync directories at all.
+    """
+    is_dir = os.path.isdir(path)
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a platform without directory fds (Windows): nothing to flush there
-        return
+    except OSError:
+        if is_dir:  # a platform without directory fds (Windows): nothing to flush there
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError:
-        pass  # some filesystems refuse fsync on directories; the files themselves are flushed
+        if not is_dir:
+            raise
     finally:
         os.close(fd)
 
@@ -117,6 +122,6 @@ def writing_dir(dest: str | Path) -> Iterator[Path]:
             os.replace(old, dest)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(dest.parent)  # the swap itself survives a crash
+    fsync_path(dest.parent)  # the swap itself survives a crash
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -84,13 +84,7 @@ class QLinear4bit(_Linear4bitBase):
 
     def _quant_state(self):
         _fix_quant_state(self)
-        qs = self.weight.quant_state
-        if getattr(qs, "packing_format_for_cpu", False):  # repacked by plain Linear4bit code elsewhere
-            raise RuntimeError(
-                "this 4-bit layer was repacked by bitsandbytes' CPU inference path, which loses its "
-                "exact scales and has no backward; reload the base model and quantize it again"
-            )
-        return qs
+        return _usable_quant_state(self)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense (out, in) weight this layer computes with, as a new ``dtype`` tensor.
@@ -269,19 +263,23 @@ def quantize_model(
     return report
 
 
+def _usable_quant_state(layer: nn.Module):
+    """The layer's 4-bit quant_state, refusing one that bitsandbytes' CPU inference path repacked."""
+    qs = getattr(layer.weight, "quant_state", None)
+    if qs is None:
+        raise TypeError(f"{type(layer).__name__} holds no 4-bit quant_state; is it quantized?")
+    if getattr(qs, "packing_format_for_cpu", False):  # repacked by plain Linear4bit code elsewhere
+        raise RuntimeError(
+            "this 4-bit layer was repacked by bitsandbytes' CPU inference path, which loses its exact "
+            "scales and has no backward; reload the base model and quantize it with core.quant.quantize_model"
+        )
+    return qs
+
+
 def dequantize_linear4bit(layer: nn.Module) -> torch.Tensor:
     """The (out, in) fp32 weight a bitsandbytes 4-bit layer computes with (for merges and checks)."""
     _bnb()
-    w = layer.weight
-    qs = getattr(w, "quant_state", None)
-    if qs is None:
-        raise TypeError(f"{type(layer).__name__} holds no 4-bit quant_state; is it quantized?")
-    if getattr(qs, "packing_format_for_cpu", False):
-        raise RuntimeError(
-            "this layer was repacked by bitsandbytes' CPU inference path (its exact scales are lost); "
-            "reload and quantize the base model with core.quant.quantize_model"
-        )
-    return bnb.functional.dequantize_4bit(w.data, qs).to(torch.float32)  # (out, in)
+    return bnb.functional.dequantize_4bit(layer.weight.data, _usable_quant_state(layer)).to(torch.float32)
 
 
 __all__ = ["QLinear4bit", "QuantReport", "dequantize_linear4bit", "is_4bit_linear", "quantize_model"]
