@@ -420,9 +420,9 @@ def _encode_rows(src: _Source, cfg: DataConfig, tokenizer: Any) -> tuple[list[di
     return kept, report
 
 
-def _check_file(
-    name: str, fmt: str, report: dict[str, Any], fields: set[str] = frozenset(), max_reject: float = 1.0
-) -> None:
+def _check_file(name: str, fmt: str, report: dict[str, Any], fields: set[str], max_reject: float) -> None:
+    """Fail a file with no usable row, or with more than ``max_reject`` of its rows rejected; warn above
+    REJECT_WARN_FRACTION. ``fields``: keys seen in its rows, to suggest the format they look like."""
     total, kept, rejected = report["total"], report["kept"], report["rejected"]
     if total == 0:
         raise DataError(f"{name} is empty: no rows found. Format {fmt!r} expects rows with {_FIELDS[fmt]}")
