@@ -6,7 +6,6 @@ finished writing (DeepSpeed's own ``latest`` tag is written before that barrier:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -19,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.config import RunConfig
 from core.fsutil import fsync_path, fsync_tree
+from core.run import data_fingerprint, training_fingerprint  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
 
@@ -45,50 +44,6 @@ class Checkpoint:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def training_fingerprint(cfg: RunConfig) -> str:
-    """Hash of every setting that changes the training trajectory; resuming requires it to match.
-
-    Left out: what only affects scheduling or output (retries, timeouts, save/log cadence), and the
-    later stages (eval, merge, publish).
-    """
-    t = cfg.train.model_dump(
-        mode="json",
-        exclude={
-            "retries",
-            "retry_delay_s",
-            "timeout_s",
-            "save_every",
-            "keep_last",
-            "keep_checkpoints",
-            "log_every",
-            "launcher",
-        },
-    )
-    t.update(node_rank=None, master_addr=None, master_port=None, hostfile=None)
-    if cfg.train.deepspeed_config and Path(cfg.train.deepspeed_config).is_file():
-        # The file's content decides the ZeRO layout of the checkpoint, not its name.
-        t["deepspeed_config"] = hashlib.sha256(Path(cfg.train.deepspeed_config).read_bytes()).hexdigest()
-    relevant = {
-        "method": cfg.method,
-        "model": cfg.model.model_dump(mode="json"),
-        "data": cfg.data.model_dump(mode="json", exclude={"cache_dir", "storage_options"}),
-        "lora": cfg.lora.model_dump(mode="json") if cfg.method != "full" else None,
-        "quant": cfg.quant.model_dump(mode="json") if cfg.method == "qlora" else None,
-        "train": t,
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def data_fingerprint(train_data: str | Path) -> str:
-    """The content hash of a prepared split (the prepare stage's cache key), so that a run resumed
-    or re-run on changed data under the same path is detected."""
-    report = Path(train_data).parent / "prepare_report.json"
-    if report.is_file():
-        return json.loads(report.read_text())["fingerprint"]
-    state = Path(train_data) / "state.json"  # a split saved some other way: datasets' own fingerprint
-    return json.loads(state.read_text()).get("_fingerprint", "") if state.is_file() else ""
 
 
 def list_complete(ckpt_root: Path) -> list[Checkpoint]:

@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from core.errors import DeltatuneError
+from core.names import is_safe_name
 from core.secretkeys import secret_key_paths
 
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -70,7 +72,6 @@ def _no_credentials(uri: str | None) -> str | None:
 
 # A path or fsspec URI that is written to run_config.yaml: never with credentials in it.
 Location = Annotated[str, AfterValidator(_no_credentials)]
-_SAFE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 def cache_root() -> Path:
@@ -96,7 +97,7 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
-class ConfigError(ValueError):
+class ConfigError(DeltatuneError, ValueError):
     """A run configuration is invalid; the message lists every problem and how to fix it."""
 
 
@@ -251,8 +252,11 @@ class PublishConfig(_Strict):
     @field_validator("model_name", "version")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
-        if v is not None and (not re.fullmatch(_SAFE_NAME, v) or ".." in v):
-            raise ValueError(f"{v!r} is not a safe name: use letters, digits, '.', '_' and '-'")
+        if v is not None and not is_safe_name(v):
+            raise ValueError(
+                f"{v!r} is not a safe name: use letters, digits, '.', '_' and '-', starting with a letter "
+                "or digit, without '..'"
+            )
         return v
 
 
@@ -274,8 +278,13 @@ class RunConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_run_name(cls, v: str) -> str:
-        if not re.fullmatch(_SAFE_NAME, v):
-            raise ValueError(f"{v!r} is not a safe run name: use letters, digits, '.', '_' and '-'")
+        # The run name is also the store's default model name: checked here by the store's own rule,
+        # so that a name like 'a..b' fails at load and not at publish, after training.
+        if not is_safe_name(v):
+            raise ValueError(
+                f"{v!r} is not a safe run name: use letters, digits, '.', '_' and '-', starting with a "
+                "letter or digit, without '..' (it names the run directory and the published model)"
+            )
         return v
 
     @model_validator(mode="after")

@@ -1,16 +1,60 @@
-"""Directories that appear whole or not at all: build beside the target, then swap it in."""
+"""Files and directories that appear whole or not at all: build beside the target, then swap it in.
+
+atomic_write(path, text) / write_json(path, obj)    # every state file, report and summary of a run
+with writing_dir(dest) as tmp: ...                  # every output directory (adapter, model, merged)
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader, or a kill at any instant, sees the old file or the
+    new one and never a torn one: written to a temp file beside it, flushed to disk, renamed over it.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should look like any other file
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)  # the rename itself survives a crash
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """``atomic_write`` of ``obj`` as indented JSON."""
+    return atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON document at ``path`` (raises ``FileNotFoundError`` / ``json.JSONDecodeError``)."""
+    return json.loads(Path(path).read_text())
 
 
 def _pid_alive(pid: int) -> bool:
