@@ -1,20 +1,25 @@
-"""Artifact store: publish, verify, download and promote model versions under an fsspec URI.
+"""Artifact store: publish, verify, pull and promote model versions under an fsspec URI.
 
-Layout: ``<store>/<model>/versions/<version>/{manifest.json, ...}``, ``<store>/<model>/aliases/<alias>.json``.
+Layout: ``<store>/<model>/versions/<version>/{manifest.json, ...}`` and, per alias, an append-only log
+``<store>/<model>/aliases/<alias>/<NNNNNN>.json`` whose newest generation is the alias's target.
 A version is visible only once its ``manifest.json`` exists; the manifest is written last, create-only.
 Usage: ``publish("s3://bucket/models", "tiny-lora", {"adapter": Path("out/adapter")})``.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
+import socket
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +29,9 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from fsspec.core import url_to_fs
 
+from core.errors import DeltatuneError
+from core.fsutil import fsync_path, fsync_tree
+from core.names import check_name, is_safe_name
 from core.secretkeys import SECRET_KEY, redact
 
 logger = logging.getLogger(__name__)
@@ -39,17 +47,18 @@ STAGING_DIR = ".partial"
 CLAIM_NAME = ".claim"
 CHUNK_SIZE = 1 << 20
 _AUTO_VERSION = re.compile(r"^v(\d+)$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _RESERVED = {MANIFEST_NAME, STAGING_DIR, CLAIM_NAME}
 _LOCAL_PROTOCOLS = {"file", "local"}
 
 
-class StoreError(Exception):
-    """Base class for artifact store errors."""
+class StoreError(DeltatuneError):
+    """Base class for artifact store errors. ``retryable`` says whether the same call may succeed later."""
 
 
 class StoreUnavailableError(StoreError):
     """The store could not be reached or its root does not exist."""
+
+    retryable = True
 
 
 class VersionExistsError(StoreError):
@@ -64,12 +73,21 @@ class AliasNotFoundError(StoreError):
     """The alias has never been promoted."""
 
 
+class AliasConflictError(StoreError):
+    """Another promotion or rollback moved the alias after this one read it (a lost compare-and-swap).
+
+    Not retried blindly: the alias now points somewhere this promotion did not look at; re-read it
+    and decide again (the gates may judge differently against the new target)."""
+
+
 class IntegrityError(StoreError):
     """A stored file is missing or its size / sha256 differs from the manifest."""
 
 
 class PublishError(StoreError):
     """A publish stopped part-way; the version stays invisible and the same call resumes it."""
+
+    retryable = True
 
     def __init__(self, message: str, *, version: str | None = None, token: str | None = None):
         super().__init__(message)
@@ -110,13 +128,15 @@ class PublishResult:
 # ----------------------------------------------------------------------------- validation and redaction
 
 
-def _check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+def _check_alias(alias: str) -> str:
+    check_name("alias", alias)
+    if _AUTO_VERSION.match(alias):
+        # MODEL@NAME names an alias or a version: automatic version names stay unambiguous.
         raise ValueError(
-            f"invalid {kind} {name!r}: expected a non-empty name of letters, digits, '.', '_', '-' "
-            f"that starts with a letter or digit (no '/', no '..'); e.g. 'llama-tiny-lora'"
+            f"invalid alias {alias!r}: names like v0001 are automatic version names; choose e.g. "
+            "'production' or 'staging'"
         )
-    return name
+    return alias
 
 
 def _check_relpath(relpath: str) -> str:
@@ -172,13 +192,13 @@ class _Store:
         return bool(protocols & _LOCAL_PROTOCOLS)
 
     def model_dir(self, model: str) -> str:
-        return f"{self.root}/{_check_name('model name', model)}"
+        return f"{self.root}/{check_name('model name', model)}"
 
     def version_dir(self, model: str, version: str) -> str:
-        return f"{self.model_dir(model)}/versions/{_check_name('version', version)}"
+        return f"{self.model_dir(model)}/versions/{check_name('version', version)}"
 
-    def alias_path(self, model: str, alias: str) -> str:
-        return f"{self.model_dir(model)}/aliases/{_check_name('alias', alias)}.json"
+    def alias_dir(self, model: str, alias: str) -> str:
+        return f"{self.model_dir(model)}/aliases/{_check_alias(alias)}"
 
     def version_uri(self, model: str, version: str) -> str:
         return f"{self.uri.rstrip('/')}/{model}/versions/{version}"
@@ -413,10 +433,78 @@ def _claim_explicit_version(store: _Store, model: str, version: str, token: str,
 
 
 def _upload_file(store: _Store, local: Path, remote: str) -> None:
-    """Upload one file (single PUT or multipart on S3). Separate so tests can interrupt a publish."""
+    """Upload one file (single PUT or multipart on S3). Separate so tests can interrupt a publish.
+
+    On S3 a file of two parts or more goes up as a multipart upload of ``default_block_size`` parts
+    (an s3fs option, 50 MiB by default). s3fs aborts a failed multipart upload itself, but that abort
+    is one more request to a store that has just failed: if it fails too, the parts stay stored (and
+    billed) until someone aborts them. So any failure here also aborts what is left under this key.
+    """
     if store.is_local:
         store.fs.makedirs(store.fs._parent(remote), exist_ok=True)
-    store.fs.put_file(str(local), remote)
+        store.fs.put_file(str(local), remote)
+        return
+    try:
+        store.fs.put_file(str(local), remote, **_part_size(store, local.stat().st_size))
+    except Exception:
+        _abort_multipart(store, remote, exact=True)
+        raise
+
+
+# S3 allows at most 10,000 parts per upload.
+_MAX_PARTS = 10_000
+
+
+def _part_size(store: _Store, size: int) -> dict[str, int]:
+    block = getattr(store.fs, "default_block_size", None)
+    if not isinstance(block, int) or block <= 0:
+        return {}
+    return {"chunksize": max(block, -(-size // _MAX_PARTS))}
+
+
+def _s3_key(store: _Store, path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _multipart_uploads(store: _Store, prefix_path: str) -> list[dict[str, Any]]:
+    """Unfinished multipart uploads whose key starts with ``prefix_path`` (S3 only; [] elsewhere)."""
+    if store.is_local or not hasattr(store.fs, "call_s3"):
+        return []
+    bucket, prefix = _s3_key(store, prefix_path)
+    found: list[dict[str, Any]] = []
+    markers: dict[str, str] = {}
+    while True:
+        page = store.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+        found += [{**u, "Bucket": bucket} for u in page.get("Uploads") or []]
+        if not page.get("IsTruncated"):
+            return found
+        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+
+def _abort_multipart(store: _Store, prefix_path: str, *, exact: bool = False) -> list[dict[str, Any]]:
+    """Abort every unfinished multipart upload under ``prefix_path`` (``exact``: of that key only);
+    never raises (``gc`` catches what is left), returns what was aborted."""
+    aborted = []
+    key = _s3_key(store, prefix_path)[1]
+    try:
+        for u in _multipart_uploads(store, prefix_path):
+            if exact and u["Key"] != key:
+                continue
+            store.fs.call_s3(
+                "abort_multipart_upload", Bucket=u["Bucket"], Key=u["Key"], UploadId=u["UploadId"]
+            )
+            aborted.append(u)
+    except Exception as exc:
+        logger.warning(
+            "could not abort unfinished multipart uploads under %s (%s: %s); `deltatune gc` removes them later",
+            prefix_path,
+            type(exc).__name__,
+            exc,
+        )
+    for u in aborted:
+        logger.info("aborted unfinished multipart upload of %s", u["Key"])
+    return aborted
 
 
 def _already_uploaded(store: _Store, remote: str, sidecar: str, entry: FileEntry) -> bool:
@@ -437,6 +525,7 @@ def publish(
     metadata: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     resume_token: str | None = None,
+    content_key: str | None = None,
 ) -> PublishResult:
     """Upload local files as one immutable version and make it visible by writing its manifest last.
 
@@ -447,6 +536,11 @@ def publish(
     or published version is refused. The manifest is created with a create-only write (S3
     ``IfNoneMatch="*"``, local hard link), so two publishers cannot both publish one version.
 
+    A resumed publish recognises the version its earlier attempt finished by its content key when it
+    has one: a run that re-ran an upstream stage produces the same model with other timings in
+    ``eval.json`` or ``train_summary.json``, and that version, whole and claimed with this token, is
+    returned as is. Without a content key the files and metadata must match exactly.
+
     Args:
         store_uri: Store root: a local path, ``file://`` URI or ``s3://bucket/prefix``.
         model: Model name (letters, digits, ``._-``).
@@ -456,6 +550,9 @@ def publish(
         metadata: JSON-serialisable extra fields for the manifest (no secrets).
         storage_options: Passed to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
         resume_token: The ``token`` of a failed attempt's ``PublishError``, with its ``version``.
+        content_key: What the version's content is a function of (e.g. a hash of config, data and
+            base model); stored as ``metadata["content_key"]``. Passing it as ``metadata["content_key"]``
+            alone is the same; passing both with different values is a ValueError.
 
     Returns:
         A ``PublishResult`` with the version, its URI, the manifest sha256, the files moved this run
@@ -467,10 +564,17 @@ def publish(
         FileNotFoundError, ValueError: Bad sources, names or metadata.
         StoreUnavailableError: The store cannot be reached.
     """
-    _check_name("model name", model)
+    check_name("model name", model)
     if version is not None:
-        _check_name("version", version)
+        check_name("version", version)
     metadata = dict(metadata or {})
+    if content_key is not None:
+        if metadata.setdefault("content_key", content_key) != content_key:
+            raise ValueError(
+                f"content_key={content_key!r} differs from metadata['content_key']="
+                f"{metadata['content_key']!r}; pass one value"
+            )
+    content_key = metadata.get("content_key")
     _check_metadata(metadata)
     try:
         json.dumps(metadata)
@@ -486,8 +590,10 @@ def publish(
     if version is None:
         version = _claim_auto_version(store, model, token)
     elif _claim_explicit_version(store, model, version, token, resuming=resume_token is not None):
-        return _published_as_is(store, model, version, entries, metadata, token)
+        return _published_as_is(store, model, version, entries, metadata, token, content_key)
     vdir = store.version_dir(model, version)
+    if resume_token is not None:
+        _abort_multipart(store, f"{vdir}/")  # parts of an upload the failed attempt never finished
     logger.info("publishing %d files to %s", len(entries), store.version_uri(model, version))
 
     uploaded: list[str] = []
@@ -531,7 +637,7 @@ def publish(
         # Our own write whose reply was lost (the client retried the PUT and met its own object), or
         # another publisher: only the former has our claim and exactly our files.
         if _claim_token(store, vdir) == token:
-            return _published_as_is(store, model, version, entries, metadata, token)
+            return _published_as_is(store, model, version, entries, metadata, token, content_key)
         raise VersionExistsError(
             f"{model}/{version} was published by another run while this one uploaded; its files may "
             f"be mixed: run verify_version on it, and publish this run as a new version"
@@ -582,22 +688,50 @@ def _published(
 
 
 def _published_as_is(
-    store: _Store, model: str, version: str, entries: list[FileEntry], metadata: dict, token: str
+    store: _Store,
+    model: str,
+    version: str,
+    entries: list[FileEntry],
+    metadata: dict,
+    token: str,
+    content_key: str | None,
 ) -> PublishResult:
-    """The result of a publish that an earlier attempt with this token already finished, provided
-    the manifest lists exactly these files: else the sources changed since, and that is an error."""
+    """The result of a publish that an earlier attempt with this token already finished.
+
+    With a content key, the version is ours when its manifest carries the same key: its files may
+    differ from ours only in volatile parts (timings of a stage that re-ran), and the stored version
+    is whole. Without one, the manifest must list exactly these files and metadata: else the sources
+    changed since, and that is an error.
+    """
     manifest, data = _read_json(store, f"{store.version_dir(model, version)}/{MANIFEST_NAME}")
     listed = [
         FileEntry(**f) for f in manifest.get("files", []) if isinstance(f, dict) and f.keys() == _ENTRY_KEYS
     ]
-    if listed != entries or manifest.get("metadata") != metadata:
+    stored_meta = manifest.get("metadata")
+    if content_key is not None and isinstance(stored_meta, dict):
+        ours = stored_meta.get("content_key") == content_key
+    else:
+        ours = listed == entries and stored_meta == metadata
+    if not ours:
         raise VersionExistsError(
             f"{model}/{version} was published by another run, or by an earlier attempt with other "
             "files or metadata than these; its files may be mixed: run verify_version on it, and "
             "publish this run as a new version"
         )
-    logger.info("%s/%s was already published by an earlier attempt; nothing to do", model, version)
-    return _published(store, model, version, entries, data, token, [], [e.path for e in entries])
+    if listed != entries:
+        stored, local = {e.path: e for e in listed}, {e.path: e for e in entries}
+        differ = sorted(p for p in stored.keys() | local.keys() if stored.get(p) != local.get(p))
+        logger.info(
+            "%s/%s was published by an earlier attempt of this run (content key %s); local files differ "
+            "only in volatile parts (%s): keeping the stored version",
+            model,
+            version,
+            content_key,
+            ", ".join(differ) or "metadata",
+        )
+    else:
+        logger.info("%s/%s was already published by an earlier attempt; nothing to do", model, version)
+    return _published(store, model, version, listed, data, token, [], [e.path for e in listed])
 
 
 # ----------------------------------------------------------------------------- read side
@@ -660,8 +794,31 @@ def read_manifest(
     return _load_manifest(_open_store(store_uri, storage_options), model, version)[0]
 
 
-def _verify(store: _Store, model: str, version: str) -> dict[str, Any]:
-    manifest, _ = _load_manifest(store, model, version)
+def manifest_sha256(
+    store_uri: str, model: str, version: str, *, storage_options: Mapping[str, Any] | None = None
+) -> str:
+    """The sha256 of a published version's ``manifest.json`` bytes: what an alias records, and what a
+    cached publish result can be checked against (a version is immutable, so the same hash means the
+    same files).
+
+    Raises:
+        VersionNotFoundError: The version has no manifest.
+    """
+    _, data = _load_manifest(_open_store(store_uri, storage_options), model, version)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_entry(model: str, version: str, entry: Mapping[str, Any], size: int, sha: str, where: str) -> None:
+    if (size, sha) != (entry["size"], entry["sha256"]):
+        raise IntegrityError(
+            f"{model}/{version}: {where} {entry['path']!r} does not match the manifest (size {size} vs "
+            f"{entry['size']}, sha256 {sha[:12]}… vs {entry['sha256'][:12]}…); the stored copy was "
+            f"altered: re-publish as a new version"
+        )
+
+
+def _verify(store: _Store, model: str, version: str) -> tuple[dict[str, Any], bytes]:
+    manifest, data = _load_manifest(store, model, version)
     vdir = store.version_dir(model, version)
     for entry in manifest["files"]:
         remote = f"{vdir}/{entry['path']}"
@@ -672,14 +829,9 @@ def _verify(store: _Store, model: str, version: str) -> dict[str, Any]:
             raise IntegrityError(
                 f"{model}/{version}: {entry['path']!r} is listed in the manifest but missing from {store.uri}"
             ) from None
-        if (size, sha) != (entry["size"], entry["sha256"]):
-            raise IntegrityError(
-                f"{model}/{version}: {entry['path']!r} does not match the manifest (size {size} vs "
-                f"{entry['size']}, sha256 {sha[:12]}… vs {entry['sha256'][:12]}…); the stored copy was "
-                f"altered: re-publish as a new version"
-            )
+        _check_entry(model, version, entry, size, sha, "stored")
     logger.info("verified %s (%d files)", store.version_uri(model, version), len(manifest["files"]))
-    return manifest
+    return manifest, data
 
 
 def verify_version(
@@ -694,7 +846,102 @@ def verify_version(
         IntegrityError: Names the first missing or mismatching file.
         VersionNotFoundError: The version has no manifest.
     """
-    return _verify(_open_store(store_uri, storage_options), model, version)
+    return _verify(_open_store(store_uri, storage_options), model, version)[0]
+
+
+class VersionReader:
+    """Reads single files of one model's published versions, each checked against its manifest.
+
+    Handed to a promotion's ``check`` (see ``promote``) so that gates read their evidence (``eval.json``,
+    ``merge_report.json``, the adapter) from the very versions being compared.
+    """
+
+    def __init__(self, store: _Store, model: str):
+        self._store = store
+        self.model = model
+        self._manifests: dict[str, dict[str, Any]] = {}
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        """The manifest of a published version (``VersionNotFoundError`` if it has none)."""
+        if version not in self._manifests:
+            self._manifests[version] = _load_manifest(self._store, self.model, version)[0]
+        return self._manifests[version]
+
+    def paths(self, version: str) -> list[str]:
+        """Every file path the version's manifest lists."""
+        return [e["path"] for e in self.manifest(version)["files"]]
+
+    def read(self, version: str, path: str) -> bytes | None:
+        """The bytes of ``path`` in ``version``; None if the manifest does not list it.
+
+        Raises:
+            IntegrityError: The stored file is missing or differs from the manifest.
+        """
+        entry = next((e for e in self.manifest(version)["files"] if e["path"] == path), None)
+        if entry is None:
+            return None
+        try:
+            data = self._store.fs.cat_file(f"{self._store.version_dir(self.model, version)}/{path}")
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{self.model}/{version}: {path!r} is listed in the manifest but missing from {self._store.uri}"
+            ) from None
+        _check_entry(self.model, version, entry, len(data), hashlib.sha256(data).hexdigest(), "stored")
+        return data
+
+    def read_json(self, version: str, path: str) -> Any:
+        """``read`` parsed as JSON (None if not listed)."""
+        data = self.read(version, path)
+        return None if data is None else json.loads(data)
+
+
+def _check_dest(dest: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(
+            f"destination {dest} exists and is not an empty directory; pull into a new or empty directory"
+        )
+
+
+def _download(
+    store: _Store, model: str, version: str, dest: Path, *, expect_manifest: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """Download a version into a temp dir beside ``dest``, check every file, then rename it to ``dest``:
+    on any failure nothing is left at ``dest``. Returns the manifest and its sha256."""
+    _check_dest(dest)
+    manifest, data = _load_manifest(store, model, version)
+    sha = hashlib.sha256(data).hexdigest()
+    if expect_manifest is not None and sha != expect_manifest:
+        raise IntegrityError(
+            f"{model}/{version}: manifest changed since it was promoted (sha256 {sha[:12]}… vs "
+            f"{expect_manifest[:12]}…); nothing was downloaded; verify the version and promote again"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    vdir = store.version_dir(model, version)
+    try:
+        for entry in manifest["files"]:
+            local = tmp / _check_relpath(entry["path"])
+            local.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                store.fs.get_file(f"{vdir}/{entry['path']}", str(local))
+            except FileNotFoundError:
+                raise IntegrityError(
+                    f"{model}/{version}: {entry['path']!r} is missing from {store.uri}; nothing was "
+                    "downloaded"
+                ) from None
+            _check_entry(model, version, entry, *hash_file(local), "downloaded")
+        (tmp / MANIFEST_NAME).write_bytes(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
+        fsync_tree(tmp)
+        os.replace(tmp, dest)  # POSIX rename also replaces an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(dest.parent)
+    logger.info("downloaded %s to %s", store.version_uri(model, version), dest)
+    return manifest, sha
 
 
 def download_version(
@@ -711,42 +958,340 @@ def download_version(
         store_uri: Store root.
         model: Model name.
         version: Published version.
-        dest_dir: Local directory; created if missing. The manifest is copied in too.
+        dest_dir: Local directory that does not exist yet or is empty. The manifest is copied in too.
         storage_options: Passed to fsspec.
 
     Returns:
         ``dest_dir`` as a ``Path``.
 
     Raises:
-        IntegrityError: A downloaded file differs from the manifest (it is deleted).
+        IntegrityError: A file is missing or differs from the manifest; ``dest_dir`` is left as it was.
+        ValueError: ``dest_dir`` exists and is not an empty directory.
     """
-    store = _open_store(store_uri, storage_options)
-    manifest, data = _load_manifest(store, model, version)
     dest = Path(dest_dir)
-    vdir = store.version_dir(model, version)
-    for entry in manifest["files"]:
-        local = dest / _check_relpath(entry["path"])
-        local.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            store.fs.get_file(f"{vdir}/{entry['path']}", str(local))
-        except FileNotFoundError:
-            raise IntegrityError(
-                f"{model}/{version}: {entry['path']!r} is missing from {store.uri}"
-            ) from None
-        size, sha = hash_file(local)
-        if (size, sha) != (entry["size"], entry["sha256"]):
-            local.unlink()
-            raise IntegrityError(
-                f"{model}/{version}: downloaded {entry['path']!r} does not match the manifest "
-                f"(size {size} vs {entry['size']}, sha256 {sha[:12]}… vs {entry['sha256'][:12]}…); "
-                f"run verify_version"
-            )
-    (dest / MANIFEST_NAME).write_bytes(data)
-    logger.info("downloaded %s to %s", store.version_uri(model, version), dest)
+    _download(_open_store(store_uri, storage_options), model, version, dest)
     return dest
 
 
+def parse_ref(ref: str) -> tuple[str, str]:
+    """Split ``MODEL@ALIAS`` or ``MODEL@VERSION`` into its two names (checked)."""
+    model, sep, name = str(ref).partition("@")
+    if not sep:
+        raise ValueError(
+            f"invalid reference {ref!r}: expected MODEL@ALIAS or MODEL@VERSION, e.g. "
+            "tiny-lora@production or tiny-lora@v0003"
+        )
+    return check_name("model name", model), check_name("alias or version", name)
+
+
+def pull(
+    store_uri: str,
+    ref: str,
+    dest: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Download the version ``ref`` names into ``dest``, every file checked against its sha256.
+
+    ``ref`` is ``MODEL@ALIAS`` (the alias's current target, whose manifest must still be the one
+    promoted) or ``MODEL@VERSION``. A name that is both an alias and an explicit version name is
+    refused as ambiguous. The files land in a temp dir beside ``dest``, renamed to ``dest`` once all
+    match: a failed pull leaves no partial ``dest``.
+
+    Returns:
+        ``{"model", "version", "alias", "dest", "files", "manifest_sha256"}`` (``alias`` None for a
+        version reference).
+
+    Raises:
+        ValueError: A bad reference, or ``dest`` exists and is not an empty directory.
+        AliasNotFoundError / VersionNotFoundError: Neither an alias nor a version of that name; or the
+            alias's target is no longer published.
+        IntegrityError: A file or the target's manifest differs from what was recorded.
+    """
+    model, name = parse_ref(ref)
+    dest = Path(dest)
+    _check_dest(dest)
+    store = _open_store(store_uri, storage_options)
+    state = _alias_state(store, model, name) if not _AUTO_VERSION.match(name) else None
+    alias, expect = None, None
+    if state is not None and state.generation:
+        if store.fs.exists(f"{store.version_dir(model, name)}/{MANIFEST_NAME}"):
+            raise ValueError(
+                f"{model}@{name} is ambiguous: {name!r} is both an alias and a version of {model}; pull "
+                f"the version the alias points at ({model}@{state.version}) instead"
+            )
+        _check_target(store, state)
+        alias, version, expect = name, state.version, state.record["manifest_sha256"]
+    else:
+        version = name
+        try:
+            _load_manifest(store, model, version)
+        except VersionNotFoundError as exc:
+            if state is None:
+                raise
+            raise VersionNotFoundError(
+                f"{model} has neither an alias nor a version {name!r}: {exc}"
+            ) from None
+    manifest, sha = _download(store, model, version, dest, expect_manifest=expect)
+    return {
+        "model": model,
+        "version": version,
+        "alias": alias,
+        "dest": str(dest),
+        "files": len(manifest["files"]),
+        "manifest_sha256": sha,
+    }
+
+
+def describe_versions(
+    store_uri: str, model: str, *, storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per visible version (oldest first) for ``deltatune versions``.
+
+    Returns:
+        Dicts of ``version``, ``created_at``, ``method``, ``exact_match`` and ``loss`` (tuned, from the
+        manifest's ``metadata.eval``), ``max_logit_gap`` (``metadata.merge``) and ``aliases`` (the
+        aliases whose current target it is); a value the manifest does not carry is None.
+    """
+    store = _open_store(store_uri, storage_options)
+    targets: dict[str, list[str]] = {}
+    for alias, record in _current_aliases(store, model).items():
+        targets.setdefault(record.get("version"), []).append(alias)
+    rows = []
+    for version in sorted(_version_dirs(store, model), key=_version_sort_key):
+        try:
+            manifest, _ = _load_manifest(store, model, version)
+        except VersionNotFoundError:
+            continue  # an unfinished publish
+        meta = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
+        tuned = _get(meta, "eval", "tuned")
+        rows.append(
+            {
+                "version": version,
+                "created_at": manifest.get("created_at"),
+                "method": meta.get("method"),
+                "exact_match": _get(tuned, "exact_match"),
+                "loss": _get(tuned, "loss"),
+                "max_logit_gap": _get(meta, "merge", "max_logit_gap"),
+                "aliases": sorted(targets.get(version, [])),
+            }
+        )
+    return rows
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
 # ----------------------------------------------------------------------------- aliases
+#
+# Each alias is an append-only log of generation records, ``aliases/<alias>/000001.json``, ...; the
+# newest is the alias's target. Promoting writes generation N+1 with a create-only write (S3
+# ``IfNoneMatch="*"``, a hard link locally), so of two promotions that read generation N exactly one
+# commits and the other gets AliasConflictError: a compare-and-swap whose log is also the promotion
+# history, its from -> to chain unbroken by construction. The pre-release single-file layout
+# (``aliases/<alias>.json``) is not read.
+
+ALIAS_FORMAT = 1
+_GENERATION = re.compile(r"^(\d+)\.json$")
+
+
+@dataclass(frozen=True)
+class AliasState:
+    """An alias as read at one moment: the compare of the compare-and-swap.
+
+    ``generation`` 0 and ``record`` None: never promoted.
+    """
+
+    model: str
+    alias: str
+    generation: int
+    record: dict[str, Any] | None
+
+    @property
+    def version(self) -> str | None:
+        return self.record["version"] if self.record else None
+
+
+def _generations(store: _Store, model: str, alias: str) -> list[int]:
+    try:
+        names = store.fs.ls(store.alias_dir(model, alias), detail=False, refresh=True)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        int(m.group(1)) for n in names if (m := _GENERATION.match(n.rstrip("/").rsplit("/", 1)[-1]))
+    )
+
+
+def _generation_path(store: _Store, model: str, alias: str, generation: int) -> str:
+    return f"{store.alias_dir(model, alias)}/{generation:06d}.json"
+
+
+def _read_generation(store: _Store, model: str, alias: str, generation: int) -> dict[str, Any]:
+    path = _generation_path(store, model, alias, generation)
+    try:
+        record, _ = _read_json(store, path)
+    except ValueError:
+        raise IntegrityError(
+            f"alias {alias!r} of {model}: generation {generation} is not JSON ({path})"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("version"), str):
+        raise IntegrityError(f"alias {alias!r} of {model}: generation {generation} has no version ({path})")
+    return record
+
+
+def _alias_state(store: _Store, model: str, alias: str) -> AliasState:
+    generations = _generations(store, model, alias)
+    if not generations:
+        return AliasState(model, alias, 0, None)
+    newest = generations[-1]
+    return AliasState(model, alias, newest, _read_generation(store, model, alias, newest))
+
+
+def _current_aliases(store: _Store, model: str) -> dict[str, dict[str, Any]]:
+    try:
+        entries = store.fs.ls(f"{store.model_dir(model)}/aliases", detail=True, refresh=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if e["type"] == "directory" and is_safe_name(name) and not _AUTO_VERSION.match(name):
+            state = _alias_state(store, model, name)
+            if state.record is not None:
+                out[name] = state.record
+    return out
+
+
+def _check_target(store: _Store, state: AliasState) -> None:
+    """The alias's target is still published with the manifest it was promoted with."""
+    assert state.record is not None
+    version = state.version
+    try:
+        _, data = _load_manifest(store, state.model, version)
+    except VersionNotFoundError:
+        raise VersionNotFoundError(
+            f"alias {state.alias!r} of {state.model} points at {version}, which is no longer published in "
+            f"{store.uri} (its manifest is gone); promote another version or roll back"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != state.record["manifest_sha256"]:
+        raise IntegrityError(
+            f"{state.model}/{version}: manifest changed since it was promoted to {state.alias!r}; "
+            "verify the version and promote again"
+        )
+
+
+def _actor() -> str:
+    if actor := os.environ.get("DELTATUNE_ACTOR"):
+        return actor
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _transport_error(exc: BaseException) -> bool:
+    """A network or access failure (which type depends on the backend: botocore, aiohttp, OSError)."""
+    if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return False
+    root = type(exc).__module__.split(".", 1)[0]
+    return isinstance(exc, (OSError, TimeoutError)) or root in {
+        "botocore",
+        "aiobotocore",
+        "aiohttp",
+        "urllib3",
+    }
+
+
+def _unreachable(store: _Store, doing: str, exc: BaseException, after: str) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"{doing} on {store.uri} failed ({type(exc).__name__}: {exc}); {after}. Check the endpoint, the "
+        "network and the credentials in the environment, and try again"
+    )
+
+
+def _append(
+    store: _Store,
+    state: AliasState,
+    version: str,
+    manifest: bytes,
+    *,
+    action: str,
+    gates: list[dict[str, Any]],
+    forced: bool,
+) -> dict[str, Any]:
+    """Write generation N+1 of the alias, create-only: the swap of the compare-and-swap."""
+    generation = state.generation + 1
+    record = {
+        "format": ALIAS_FORMAT,
+        "model": state.model,
+        "alias": state.alias,
+        "generation": generation,
+        "action": action,
+        "version": version,
+        "previous": state.version,
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "gates": gates,
+        "forced": forced,
+        "promoted_by": _actor(),
+        "promoted_at": _now(),
+        "id": uuid.uuid4().hex,
+    }
+    _check_metadata(record, "alias record")
+    path = _generation_path(store, state.model, state.alias, generation)
+    doing = "promotion" if action == "promote" else action
+    try:
+        _put_bytes(store, path, _dumps(record), create_only=True)
+    except FileExistsError:
+        try:
+            winner = _read_generation(store, state.model, state.alias, generation)
+        except Exception:
+            winner = {}
+        if winner.get("id") == record["id"]:
+            return winner  # our own write, whose reply was lost: the client retried and met it
+        try:
+            now = _alias_state(store, state.model, state.alias).version
+        except Exception:
+            now = winner.get("version")
+        raise AliasConflictError(
+            f"alias {state.alias!r} of {state.model} moved from {state.version or 'nothing'} to {now} while "
+            f"this {doing} was deciding; re-read it (deltatune versions {state.model}) and retry"
+        ) from None
+    except Exception as exc:
+        if not _transport_error(exc):
+            raise
+        raise _unreachable(
+            store,
+            f"recording the {doing} of {state.model}/{version} to {state.alias!r}",
+            exc,
+            f"the alias may or may not have moved: `deltatune versions {state.model}` shows its target",
+        ) from exc
+    logger.info(
+        "alias %r of %s: %s -> %s (generation %d, %s%s)",
+        state.alias,
+        state.model,
+        state.version,
+        version,
+        generation,
+        action,
+        ", forced" if forced else "",
+    )
+    return record
+
+
+# What a promotion checks between reading the alias and writing its next generation: the gate records
+# to store with it (see core/promotion.py), or an exception that refuses the promotion.
+Check = Callable[[AliasState, VersionReader], Sequence[Mapping[str, Any]]]
+
+
+def alias_state(
+    store_uri: str, model: str, alias: str, *, storage_options: Mapping[str, Any] | None = None
+) -> AliasState:
+    """Read an alias's newest generation (``generation`` 0 when it was never promoted)."""
+    return _alias_state(_open_store(store_uri, storage_options), model, alias)
 
 
 def promote(
@@ -755,65 +1300,224 @@ def promote(
     version: str,
     alias: str,
     *,
-    gates: Mapping[str, Any] | None = None,
-    verify: bool = True,
+    check: Check | None = None,
+    forced: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Point ``aliases/<alias>.json`` at a published version (atomic overwrite).
+    """Point ``alias`` at a published version by compare-and-swap on the alias's log.
+
+    In order: read the alias (generation N), re-hash every file of the version against its manifest,
+    run ``check`` (the gates) on what was read, then write generation N+1 create-only. A promotion that
+    read the same generation N as another and lost the write gets ``AliasConflictError``; the alias
+    never points at a version whose files were not all verified.
 
     Args:
         store_uri: Store root.
         model: Model name.
         version: A published version.
-        alias: Alias name, e.g. ``"prod"``.
-        gates: JSON-serialisable record of the checks that allowed the promotion.
-        verify: Re-hash the version's files first (reads every file).
+        alias: Alias name, e.g. ``"production"`` (not a ``v0001``-style version name).
+        check: ``check(state, reader)`` returns the gate records to store (JSON, no secrets) or raises
+            to refuse; ``reader`` reads files of this model's versions, checked against their manifests.
+        forced: Recorded on the generation: the promotion went ahead although a gate failed.
         storage_options: Passed to fsspec.
 
     Returns:
-        The alias record: ``version``, ``promoted_at``, ``manifest_sha256``, ``gates``.
+        The generation record: ``generation``, ``version``, ``previous``, ``manifest_sha256``,
+        ``gates``, ``forced``, ``action`` ("promote"), ``promoted_by``, ``promoted_at``.
+
+    Raises:
+        VersionNotFoundError: The version has no manifest.
+        IntegrityError: A file of the version is missing or altered.
+        AliasConflictError: The alias moved after it was read.
+        StoreUnavailableError: The store cannot be reached; the alias is unchanged (or, if the reply
+            to the final write was lost, says so).
     """
-    _check_name("alias", alias)
-    gates = dict(gates or {})
-    _check_metadata(gates, "gates")
+    check_name("model name", model)
+    check_name("version", version)
+    _check_alias(alias)
     store = _open_store(store_uri, storage_options)
-    if verify:
-        _verify(store, model, version)
-    _, data = _load_manifest(store, model, version)
-    record = {
-        "version": version,
-        "promoted_at": _now(),
-        "manifest_sha256": hashlib.sha256(data).hexdigest(),
-        "gates": gates,
-    }
-    _put_bytes(store, store.alias_path(model, alias), _dumps(record), create_only=False)
-    logger.info("promoted %s/%s to alias %r", model, version, alias)
-    return record
+    try:
+        state = _alias_state(store, model, alias)
+        _, data = _verify(store, model, version)
+        gates = [dict(g) for g in check(state, VersionReader(store, model))] if check else []
+    except Exception as exc:
+        if not _transport_error(exc):
+            raise
+        raise _unreachable(
+            store, f"promoting {model}/{version} to {alias!r}", exc, "the alias is unchanged"
+        ) from exc
+    return _append(store, state, version, data, action="promote", gates=gates, forced=forced)
+
+
+def rollback(
+    store_uri: str, model: str, alias: str, *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Point ``alias`` back at the version it pointed at before its current target.
+
+    Written as a new generation (``action`` "rollback") by the same compare-and-swap as ``promote``,
+    after re-hashing every file of that version. As ``kubectl rollout undo``, a second rollback undoes
+    the first.
+
+    Returns:
+        The new generation record.
+
+    Raises:
+        AliasNotFoundError: The alias was never promoted.
+        StoreError: The alias has had one target only.
+        VersionNotFoundError / IntegrityError: The previous target is gone or altered.
+        AliasConflictError: The alias moved while rolling back.
+        StoreUnavailableError: The store cannot be reached.
+    """
+    _check_alias(alias)
+    store = _open_store(store_uri, storage_options)
+    try:
+        state = _alias_state(store, model, alias)
+        if state.record is None:
+            raise AliasNotFoundError(f"{model} has no alias {alias!r} in {store.uri}; nothing to roll back")
+        target = state.record.get("previous")
+        if not target:
+            raise StoreError(
+                f"alias {alias!r} of {model} has pointed at {state.version} only; there is nothing to roll "
+                "back to: promote another version instead"
+            )
+        _, data = _verify(store, model, target)
+    except Exception as exc:
+        if not _transport_error(exc):
+            raise
+        raise _unreachable(
+            store, f"rolling back {alias!r} of {model}", exc, "the alias is unchanged"
+        ) from exc
+    return _append(store, state, target, data, action="rollback", gates=[], forced=False)
 
 
 def resolve_alias(
     store_uri: str, model: str, alias: str, *, storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Read an alias and check that the version's manifest is still the one promoted.
+    """Read an alias's current generation and check that its version is still the one promoted.
 
     Returns:
-        The alias record; ``record["version"]`` is the version to load.
+        The generation record; ``record["version"]`` is the version to load.
 
     Raises:
         AliasNotFoundError: The alias was never promoted.
-        IntegrityError: The version's manifest changed since promotion.
+        VersionNotFoundError: The target was deleted since.
+        IntegrityError: The target's manifest changed since it was promoted.
     """
     store = _open_store(store_uri, storage_options)
+    state = _alias_state(store, model, alias)
+    if state.record is None:
+        raise AliasNotFoundError(f"{model} has no alias {alias!r} in {store.uri}; promote a version first")
+    _check_target(store, state)
+    return state.record
+
+
+def alias_history(
+    store_uri: str, model: str, alias: str, *, storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every generation of an alias, oldest first: the promotion log (each ``previous`` is the
+    ``version`` of the record before it)."""
+    store = _open_store(store_uri, storage_options)
+    return [_read_generation(store, model, alias, g) for g in _generations(store, model, alias)]
+
+
+def list_aliases(
+    store_uri: str, model: str, *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every alias of a model and its current generation record (targets not re-checked)."""
+    return _current_aliases(_open_store(store_uri, storage_options), model)
+
+
+# ----------------------------------------------------------------------------- gc
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "Initiated", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+    return None
+
+
+def gc(
+    store_uri: str,
+    *,
+    older_than_s: float,
+    storage_options: Mapping[str, Any] | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Remove what interrupted publishes left: unfinished S3 multipart uploads under the store's
+    prefix, and claim-only versions (a ``.claim``, no manifest), both older than ``older_than_s``.
+
+    A claim-only version's age is that of its newest file, so a publish that is still uploading (or
+    was resumed lately) is kept. A version with a manifest is never touched, nor is a directory
+    without a claim (not a deltatune publish). Choose an age well above the longest pause between a
+    failed publish and its resume: after gc, that resume starts its version afresh.
+
+    Returns:
+        ``{"multipart_uploads": [{"key", "initiated"}], "claims": [{"model", "version",
+        "last_modified"}], "dry_run"}``: what was removed (or, with ``dry_run``, would be).
+    """
+    if older_than_s < 0:
+        raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
+    store = _open_store(store_uri, storage_options)
+    cutoff = time.time() - older_than_s
+    uploads = [u for u in _multipart_uploads(store, f"{store.root}/") if (_mtime(u) or cutoff) < cutoff]
+    for u in uploads if not dry_run else []:
+        store.fs.call_s3("abort_multipart_upload", Bucket=u["Bucket"], Key=u["Key"], UploadId=u["UploadId"])
+    claims = []
+    for model in _model_names(store):
+        for version in _version_dirs(store, model):
+            vdir = store.version_dir(model, version)
+            if store.fs.exists(f"{vdir}/{MANIFEST_NAME}") or not store.fs.exists(f"{vdir}/{CLAIM_NAME}"):
+                continue
+            infos = store.fs.find(vdir, detail=True).values()
+            times = [t for i in infos if (t := _mtime(i)) is not None]
+            if not times or max(times) >= cutoff:
+                continue
+            claims.append(
+                {
+                    "model": model,
+                    "version": version,
+                    "last_modified": datetime.fromtimestamp(max(times), timezone.utc).isoformat(
+                        timespec="seconds"
+                    ),
+                }
+            )
+            if not dry_run:
+                _remove_claimed(store, vdir, [i["name"] for i in infos])
+    logger.info(
+        "gc of %s: %s %d multipart uploads and %d claim-only versions older than %gs",
+        store.uri,
+        "would remove" if dry_run else "removed",
+        len(uploads),
+        len(claims),
+        older_than_s,
+    )
+    return {
+        "multipart_uploads": [{"key": u["Key"], "initiated": str(u.get("Initiated"))} for u in uploads],
+        "claims": claims,
+        "dry_run": dry_run,
+    }
+
+
+def _model_names(store: _Store) -> list[str]:
     try:
-        record, _ = _read_json(store, store.alias_path(model, alias))
+        entries = store.fs.ls(store.root, detail=True, refresh=True)
     except FileNotFoundError:
-        raise AliasNotFoundError(
-            f"{model} has no alias {alias!r} in {store.uri}; promote a version first"
-        ) from None
-    _, data = _load_manifest(store, model, record["version"])
-    if hashlib.sha256(data).hexdigest() != record["manifest_sha256"]:
-        raise IntegrityError(
-            f"{model}/{record['version']}: manifest changed since it was promoted to {alias!r}; "
-            f"verify the version and promote again"
-        )
-    return record
+        return []
+    names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+    return sorted(n for n in names if is_safe_name(n))
+
+
+def _remove_claimed(store: _Store, vdir: str, paths: list[str]) -> None:
+    """Remove a claim-only version: its files first, the claim last, so that a publisher resuming at
+    this very moment re-claims and re-uploads rather than trusting half-removed files."""
+    if store.fs.exists(f"{vdir}/{MANIFEST_NAME}"):
+        return  # published after all, between the listing and now
+    claim = f"{vdir}/{CLAIM_NAME}"
+    files = sorted(p for p in paths if p.rstrip("/") != claim)
+    if files:
+        store.fs.rm(files)
+    _remove_quietly(store, vdir, recursive=True)

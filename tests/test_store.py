@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -14,6 +15,7 @@ import pytest
 from fsspec.core import url_to_fs
 
 from core import store
+from core.errors import DeltatuneError, is_retryable
 from tests.s3_fixtures import DUMMY_KEY, DUMMY_SECRET
 
 
@@ -201,31 +203,171 @@ def test_download_round_trip_and_tamper(st: Store, sources: dict[str, Path], tmp
     assert not (tmp_path / "dl2" / "eval.json").exists()
 
 
-def test_promote_and_resolve_alias(st: Store, sources: dict[str, Path]) -> None:
+def test_store_errors_carry_their_retry_verdict() -> None:
+    retryable = {store.StoreUnavailableError, store.PublishError}
+    for cls in (
+        store.StoreUnavailableError,
+        store.PublishError,
+        store.VersionExistsError,
+        store.VersionNotFoundError,
+        store.AliasNotFoundError,
+        store.AliasConflictError,
+        store.IntegrityError,
+    ):
+        assert issubclass(cls, store.StoreError) and issubclass(cls, DeltatuneError)
+        assert is_retryable(cls("x")) is (cls in retryable), cls
+
+
+def test_promote_appends_to_the_alias_log_and_resolve_checks_the_target(
+    st: Store, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     opts = st.options
+    monkeypatch.setenv("DELTATUNE_ACTOR", "ci@builder")
     with pytest.raises(store.AliasNotFoundError, match="no alias 'prod'"):
         store.resolve_alias(st.uri, "tiny", "prod", storage_options=opts)
     first = store.publish(st.uri, "tiny", sources, storage_options=opts)
     second = store.publish(st.uri, "tiny", sources, storage_options=opts)
     with pytest.raises(store.VersionNotFoundError):
         store.promote(st.uri, "tiny", "v0099", "prod", storage_options=opts)
+    assert store.alias_history(st.uri, "tiny", "prod", storage_options=opts) == []
+    with pytest.raises(ValueError, match="automatic version names"):
+        store.promote(st.uri, "tiny", "v0001", "v0002", storage_options=opts)
 
-    record = store.promote(st.uri, "tiny", "v0001", "prod", gates={"eval_loss": 1.25}, storage_options=opts)
-    assert record["manifest_sha256"] == first.manifest_sha256
-    resolved = store.resolve_alias(st.uri, "tiny", "prod", storage_options=opts)
-    assert resolved == record and resolved["gates"] == {"eval_loss": 1.25}
-    raw = json.loads(st.fs.cat_file(st.path("tiny", "aliases", "prod.json")))
-    assert raw["version"] == "v0001" and raw["promoted_at"].endswith("Z")
+    gates = [{"name": "min_improvement", "status": "passed"}]
+    one = store.promote(
+        st.uri, "tiny", "v0001", "prod", check=lambda state, reader: gates, storage_options=opts
+    )
+    assert (one["generation"], one["version"], one["previous"], one["action"]) == (
+        1,
+        "v0001",
+        None,
+        "promote",
+    )
+    assert (
+        one["manifest_sha256"]
+        == first.manifest_sha256
+        == store.manifest_sha256(st.uri, "tiny", "v0001", storage_options=opts)
+    )
+    assert one["gates"] == gates and one["forced"] is False and one["promoted_by"] == "ci@builder"
+    raw = json.loads(st.fs.cat_file(st.path("tiny", "aliases", "prod", "000001.json")))
+    assert raw == one and raw["promoted_at"].endswith("Z")
 
-    store.promote(st.uri, "tiny", "v0002", "prod", storage_options=opts)
-    resolved = store.resolve_alias(st.uri, "tiny", "prod", storage_options=opts)
-    assert (resolved["version"], resolved["manifest_sha256"]) == ("v0002", second.manifest_sha256)
+    two = store.promote(st.uri, "tiny", "v0002", "prod", storage_options=opts)
+    assert (two["generation"], two["version"], two["previous"]) == (2, "v0002", "v0001")
+    assert store.resolve_alias(st.uri, "tiny", "prod", storage_options=opts) == two
+    assert store.alias_history(st.uri, "tiny", "prod", storage_options=opts) == [one, two]
+    assert store.list_aliases(st.uri, "tiny", storage_options=opts) == {"prod": two}
+    assert two["manifest_sha256"] == second.manifest_sha256
 
-    # A rewritten manifest behind the alias is detected.
+    # A rewritten manifest behind the alias is detected, and so is a deleted version.
     path = st.path("tiny", "versions", "v0002", "manifest.json")
-    st.fs.pipe_file(path, st.fs.cat_file(path).replace(b'"tiny"', b'"tiny" '))
-    with pytest.raises(store.IntegrityError, match="manifest changed since it was promoted"):
+    original = st.fs.cat_file(path)
+    st.fs.pipe_file(path, original.replace(b'"tiny"', b'"tiny" '))
+    with pytest.raises(store.IntegrityError, match="manifest changed since it was promoted to 'prod'"):
         store.resolve_alias(st.uri, "tiny", "prod", storage_options=opts)
+    st.fs.rm(path)
+    with pytest.raises(store.VersionNotFoundError, match="points at v0002, which is no longer published"):
+        store.resolve_alias(st.uri, "tiny", "prod", storage_options=opts)
+    with pytest.raises(store.VersionNotFoundError):
+        store.manifest_sha256(st.uri, "tiny", "v0002", storage_options=opts)
+
+
+def test_promote_verifies_every_file_and_leaves_the_alias_on_refusal(
+    st: Store, sources: dict[str, Path]
+) -> None:
+    opts = st.options
+    store.publish(st.uri, "tiny", sources, storage_options=opts)
+    store.publish(st.uri, "tiny", sources, storage_options=opts)
+    store.promote(st.uri, "tiny", "v0001", "prod", storage_options=opts)
+    target = st.path("tiny", "versions", "v0002", "adapter", "adapter_model.safetensors")
+    data = bytearray(st.fs.cat_file(target))
+    data[1000] ^= 0x01  # one bit of one byte
+    st.fs.pipe_file(target, bytes(data))
+    with pytest.raises(store.IntegrityError, match=r"adapter/adapter_model\.safetensors' does not match"):
+        store.promote(st.uri, "tiny", "v0002", "prod", storage_options=opts)
+
+    def refuse(state: store.AliasState, reader: store.VersionReader) -> list:
+        assert state.version == "v0001" and reader.read_json("v0001", "eval.json") == {"loss": 1.25}
+        raise RuntimeError("refused by the check")
+
+    with pytest.raises(RuntimeError, match="refused by the check"):
+        store.promote(st.uri, "tiny", "v0001", "prod", check=refuse, storage_options=opts)
+    history = store.alias_history(st.uri, "tiny", "prod", storage_options=opts)
+    assert [h["version"] for h in history] == ["v0001"]
+
+
+def test_rollback_returns_to_the_previous_target_and_logs_it(st: Store, sources: dict[str, Path]) -> None:
+    opts = st.options
+    for _ in range(2):
+        store.publish(st.uri, "tiny", sources, storage_options=opts)
+    with pytest.raises(store.AliasNotFoundError):
+        store.rollback(st.uri, "tiny", "prod", storage_options=opts)
+    store.promote(st.uri, "tiny", "v0001", "prod", storage_options=opts)
+    with pytest.raises(store.StoreError, match="pointed at v0001 only; there is nothing to roll back"):
+        store.rollback(st.uri, "tiny", "prod", storage_options=opts)
+    store.promote(st.uri, "tiny", "v0002", "prod", storage_options=opts)
+
+    back = store.rollback(st.uri, "tiny", "prod", storage_options=opts)
+    assert (back["generation"], back["action"], back["version"], back["previous"]) == (
+        3,
+        "rollback",
+        "v0001",
+        "v0002",
+    )
+    assert store.resolve_alias(st.uri, "tiny", "prod", storage_options=opts)["version"] == "v0001"
+    again = store.rollback(st.uri, "tiny", "prod", storage_options=opts)  # undoes the rollback
+    assert (again["version"], again["previous"]) == ("v0002", "v0001")
+    history = store.alias_history(st.uri, "tiny", "prod", storage_options=opts)
+    assert [(h["action"], h["previous"], h["version"]) for h in history] == [
+        ("promote", None, "v0001"),
+        ("promote", "v0001", "v0002"),
+        ("rollback", "v0002", "v0001"),
+        ("rollback", "v0001", "v0002"),
+    ]
+    # A rollback target that was altered since is refused, the alias stays.
+    st.fs.pipe_file(st.path("tiny", "versions", "v0001", "eval.json"), b'{"loss": 0.01}\n')
+    with pytest.raises(store.IntegrityError, match="'eval.json' does not match"):
+        store.rollback(st.uri, "tiny", "prod", storage_options=opts)
+    assert store.resolve_alias(st.uri, "tiny", "prod", storage_options=opts)["generation"] == 4
+
+
+def test_pull_by_alias_or_version_leaves_no_partial_dest(
+    st: Store, sources: dict[str, Path], tmp_path: Path
+) -> None:
+    opts = st.options
+    out = tmp_path / "out"
+    store.publish(st.uri, "tiny", sources, storage_options=opts)
+    store.publish(st.uri, "tiny", sources, version="rc1", storage_options=opts)
+    store.promote(st.uri, "tiny", "v0001", "prod", storage_options=opts)
+
+    got = store.pull(st.uri, "tiny@prod", out / "a", storage_options=opts)
+    assert (got["version"], got["alias"], got["files"]) == ("v0001", "prod", len(ALL_FILES))
+    for rel, (size, sha) in expected_files(sources).items():
+        data = (out / "a" / rel).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, sha)
+    (out / "empty").mkdir()
+    assert store.pull(st.uri, "tiny@rc1", out / "empty", storage_options=opts)["alias"] is None
+    assert (out / "empty" / "manifest.json").is_file()
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        store.pull(st.uri, "tiny@v0001", out / "a", storage_options=opts)
+    with pytest.raises(ValueError, match="expected MODEL@ALIAS or MODEL@VERSION"):
+        store.pull(st.uri, "tiny", out / "b", storage_options=opts)
+    with pytest.raises(store.VersionNotFoundError, match="neither an alias nor a version 'nope'"):
+        store.pull(st.uri, "tiny@nope", out / "b", storage_options=opts)
+
+    # One byte changed in a stored file: the pull fails and leaves neither DEST nor a temp dir.
+    target = st.path("tiny", "versions", "v0001", "adapter", "sub", "extra.bin")
+    st.fs.pipe_file(target, b"\x00\x01EXTRA")
+    with pytest.raises(store.IntegrityError, match=r"downloaded 'adapter/sub/extra\.bin' does not match"):
+        store.pull(st.uri, "tiny@prod", out / "b", storage_options=opts)
+    assert sorted(p.name for p in out.iterdir()) == ["a", "empty"]
+    # The alias's target deleted: a loud error, nothing downloaded.
+    st.fs.rm(st.path("tiny", "versions", "v0001", "manifest.json"))
+    with pytest.raises(
+        store.VersionNotFoundError, match="alias 'prod' of tiny points at v0001, which is no longer"
+    ):
+        store.pull(st.uri, "tiny@prod", out / "b", storage_options=opts)
+    assert not (out / "b").exists()
 
 
 def test_create_only_write_refuses_second_writer(st: Store) -> None:
@@ -468,3 +610,198 @@ def test_staging_cleanup_failure_does_not_fail_a_published_version(
         result = store.publish(st.uri, "tiny", sources, storage_options=st.options)
     assert result.version == "v0001" and "could not remove its staging files" in caplog.text
     assert store.list_versions(st.uri, "tiny", storage_options=st.options) == ["v0001"]
+
+
+def test_lost_manifest_reply_through_an_outage_then_a_rerun_with_the_same_content_key(
+    st: Store, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run 1: the manifest PUT lands, its reply is lost, and the store stays down through every retry.
+    Run 2 re-ran eval (other timings in eval.json and in the metadata): it finds its version whole."""
+    real_put, real_open = store._put_bytes, store._open_store
+    down: list[bool] = []
+
+    def put(s: Any, path: str, data: bytes, *, create_only: bool) -> None:
+        real_put(s, path, data, create_only=create_only)
+        if path.endswith("/manifest.json"):
+            down.append(True)
+            raise ConnectionError("reply lost: the outage begins")
+
+    def open_store(uri: str, options: Any) -> Any:
+        if down:
+            raise store.StoreUnavailableError(f"cannot reach artifact store {uri} (outage)")
+        return real_open(uri, options)
+
+    monkeypatch.setattr(store, "_put_bytes", put)
+    monkeypatch.setattr(store, "_open_store", open_store)
+    meta = {"content_key": "ck-1", "train": {"wall_time_s": 10.5}}
+    with pytest.raises(store.PublishError, match="may not be visible yet") as e:
+        store.publish(st.uri, "tiny", sources, metadata=meta, content_key="ck-1", storage_options=st.options)
+    version, token = e.value.version, e.value.token
+    for _ in range(2):  # the task's retries, during the outage
+        with pytest.raises(store.StoreUnavailableError):
+            store.publish(
+                st.uri,
+                "tiny",
+                sources,
+                version=version,
+                resume_token=token,
+                metadata=meta,
+                storage_options=st.options,
+            )
+    monkeypatch.setattr(store, "_put_bytes", real_put)
+    monkeypatch.setattr(store, "_open_store", real_open)
+    stored = store.verify_version(st.uri, "tiny", version, storage_options=st.options)
+
+    sources["eval.json"].write_text('{"loss": 1.25, "seconds": 3.75}\n')
+    rerun_meta = {"content_key": "ck-1", "train": {"wall_time_s": 12.0}}
+    # Without the content key this is the case that wedged every rerun: refused, as before.
+    with pytest.raises(store.VersionExistsError, match="other files or metadata"):
+        store.publish(
+            st.uri,
+            "tiny",
+            sources,
+            version=version,
+            resume_token=token,
+            metadata={},
+            storage_options=st.options,
+        )
+    with pytest.raises(store.VersionExistsError):
+        store.publish(
+            st.uri,
+            "tiny",
+            sources,
+            version=version,
+            resume_token=token,
+            content_key="ck-2",
+            storage_options=st.options,
+        )
+    again = store.publish(
+        st.uri,
+        "tiny",
+        sources,
+        version=version,
+        resume_token=token,
+        metadata=rerun_meta,
+        content_key="ck-1",
+        storage_options=st.options,
+    )
+    assert again.version == "v0001" and again.uploaded == []
+    assert again.manifest_sha256 == store.manifest_sha256(st.uri, "tiny", "v0001", storage_options=st.options)
+    assert [vars(f) for f in again.files] == stored["files"]  # the stored version, not the local files
+    assert store.list_versions(st.uri, "tiny", storage_options=st.options) == ["v0001"]
+    assert store.read_manifest(st.uri, "tiny", "v0001", storage_options=st.options)["metadata"] == meta
+    with pytest.raises(ValueError, match="differs from metadata"):
+        store.publish(
+            st.uri,
+            "tiny",
+            sources,
+            metadata={"content_key": "a"},
+            content_key="b",
+            storage_options=st.options,
+        )
+
+
+def _uploads(moto_s3: Any, prefix: str) -> list[dict[str, Any]]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**moto_s3.storage_options, skip_instance_cache=True)
+    return fs.call_s3("list_multipart_uploads", Bucket=moto_s3.bucket, Prefix=prefix).get("Uploads") or []
+
+
+def test_an_interrupted_multipart_upload_is_aborted(
+    moto_s3: Any,  # noqa: F811
+    sources: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file of three 5 MiB parts fails at part 2, and s3fs's own abort fails too (the store is still
+    flaky): publish aborts the upload itself; a resumed publish also clears one a killed uploader left."""
+    import s3fs
+
+    opts = {**moto_s3.storage_options, "default_block_size": 5 * 2**20}  # S3's smallest part size
+    uri = f"s3://{moto_s3.bucket}/registry"
+    big = sources["adapter"] / "adapter_model.safetensors"
+    big.write_bytes(bytes(range(256)) * (11 * 2**12))  # 11 MiB: parts of 5, 5 and 1 MiB
+    real_call = s3fs.S3FileSystem._call_s3
+    seen: list[str] = []
+
+    async def flaky(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(method)
+        if method == "upload_part" and kwargs.get("PartNumber") == 2:
+            raise ConnectionError("connection reset during part 2")
+        if method == "abort_multipart_upload" and seen.count(method) == 1:
+            raise ConnectionError("connection reset during s3fs's abort")
+        return await real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", flaky)
+    with pytest.raises(store.PublishError) as e:
+        store.publish(uri, "tiny", sources, storage_options=opts)
+    # s3fs's abort was tried and failed (publish's own goes through fs.call_s3, which this does not wrap).
+    assert seen.count("create_multipart_upload") == 1 and seen.count("abort_multipart_upload") == 1
+    assert _uploads(moto_s3, "registry/") == []
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", real_call)
+
+    # A killed uploader leaves an upload behind, which the resumed publish aborts.
+    fs = s3fs.S3FileSystem(**moto_s3.storage_options, skip_instance_cache=True)
+    key = "registry/tiny/versions/v0001/adapter/adapter_model.safetensors"
+    fs.call_s3("create_multipart_upload", Bucket=moto_s3.bucket, Key=key)
+    assert len(_uploads(moto_s3, "registry/")) == 1
+    result = store.publish(
+        uri, "tiny", sources, version=e.value.version, resume_token=e.value.token, storage_options=opts
+    )
+    assert "adapter/adapter_model.safetensors" in result.uploaded
+    assert _uploads(moto_s3, "registry/") == []
+    store.verify_version(uri, "tiny", "v0001", storage_options=opts)  # the multipart object is whole
+
+
+def test_gc_removes_old_claims_and_uploads_but_never_a_published_version(
+    st: Store, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    opts = st.options
+    store.publish(st.uri, "tiny", sources, storage_options=opts)  # v0001, published
+    real_upload = store._upload_file
+
+    def crash(s: Any, local: Path, remote: str) -> None:
+        if remote.endswith("eval.json"):
+            raise ConnectionResetError("killed")
+        real_upload(s, local, remote)
+
+    monkeypatch.setattr(store, "_upload_file", crash)
+    with pytest.raises(store.PublishError):
+        store.publish(st.uri, "tiny", sources, storage_options=opts)  # v0002: a claim and some files
+    old_published = st.fs.find(st.path("tiny", "versions", "v0001"))
+    time.sleep(3)  # S3 keeps object times to the second: give the two claims distinct ages
+    with pytest.raises(store.PublishError):
+        store.publish(st.uri, "tiny", sources, storage_options=opts)  # v0003: a fresh claim
+    monkeypatch.setattr(store, "_upload_file", real_upload)
+    st.fs.pipe_file(st.path("tiny", "versions", "v0004", "eval.json"), b"{}")  # no claim: not ours
+    leftover_keys = []
+    if request.node.callspec.params["st"] == "s3":
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**st.options, skip_instance_cache=True)
+        bucket = st.root.split("/", 1)[0]
+        for key in ("registry/tiny/versions/v0002/merged/model.safetensors", "elsewhere/big.bin"):
+            fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+            leftover_keys.append(key)
+
+    dry = store.gc(st.uri, older_than_s=1.5, storage_options=opts, dry_run=True)
+    assert [(c["model"], c["version"]) for c in dry["claims"]] == [("tiny", "v0002")]
+    assert [u["key"] for u in dry["multipart_uploads"]] == leftover_keys[:1]
+    assert st.fs.exists(st.path("tiny", "versions", "v0002", ".claim"))
+
+    done = store.gc(st.uri, older_than_s=1.5, storage_options=opts)
+    assert done["claims"] == dry["claims"] and done["multipart_uploads"] == dry["multipart_uploads"]
+    assert not st.fs.exists(st.path("tiny", "versions", "v0002"))
+    assert st.fs.exists(st.path("tiny", "versions", "v0003", ".claim"))
+    assert st.fs.exists(st.path("tiny", "versions", "v0004", "eval.json"))
+    assert st.fs.find(st.path("tiny", "versions", "v0001")) == old_published
+    store.verify_version(st.uri, "tiny", "v0001", storage_options=opts)
+    if leftover_keys:
+        assert [u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])] == [
+            "elsewhere/big.bin"  # outside the store's prefix: not gc's to remove
+        ]
+    # With age 0 the fresh claim goes too; the published version still stays.
+    assert [c["version"] for c in store.gc(st.uri, older_than_s=0, storage_options=opts)["claims"]] == [
+        "v0003"
+    ]
+    assert store.list_versions(st.uri, "tiny", storage_options=opts) == ["v0001"]
