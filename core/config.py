@@ -260,6 +260,103 @@ class PublishConfig(_Strict):
         return v
 
 
+# Eval metrics a promotion gate can judge: exact_match (higher is better), loss and perplexity (lower).
+GateMetric = Literal["exact_match", "loss", "perplexity"]
+
+
+class MinImprovementGate(_Strict):
+    """The tuned model beats the base model on an eval metric by more than ``margin``."""
+
+    enabled: bool = True
+    metric: GateMetric | None = None  # None: exact_match where the eval scored it, else loss (format text)
+    margin: float = Field(0.0, ge=0.0)
+
+
+class NoRegressionGate(_Strict):
+    """The candidate's tuned metric is no worse than the alias's current target's by more than ``margin``,
+    compared only when both were scored on the same eval rows (the same eval fingerprint)."""
+
+    enabled: bool = True
+    metric: GateMetric | None = None  # None: as min_improvement
+    margin: float = Field(0.0, ge=0.0)
+    # Evals of other rows cannot be compared: by default that is reported and does not block.
+    require_comparable: bool = False
+
+
+class MaxMergeGapGate(_Strict):
+    """The merged model matches adapter-on-base: merge_report's gaps under their limits."""
+
+    enabled: bool = True
+    max_logit_gap: PositiveFloat = 1e-3  # as merge.max_logit_gap
+    max_loss_gap: PositiveFloat | None = None  # |loss(merged) - loss(adapter-on-base)|; None: not checked
+
+
+class AdapterIntegrityGate(_Strict):
+    """The stored adapter's tensors are present, finite and trained (not every lora_B zero)."""
+
+    enabled: bool = True
+
+
+class GatesConfig(_Strict):
+    """What a promotion checks before it moves an alias (core/gates.py); each gate can be turned off."""
+
+    min_improvement: MinImprovementGate = Field(default_factory=MinImprovementGate)
+    no_regression: NoRegressionGate = Field(default_factory=NoRegressionGate)
+    max_merge_gap: MaxMergeGapGate = Field(default_factory=MaxMergeGapGate)
+    adapter_integrity: AdapterIntegrityGate = Field(default_factory=AdapterIntegrityGate)
+
+
+class PromoteConfig(_Strict):
+    """Moving an alias (e.g. production) to a published version once its gates pass."""
+
+    alias: str | None = None  # set: the finetune flow promotes the version it published to this alias
+    fail_on_gate: bool = False  # a gate refusing that promotion fails the run (else: a warning)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+    @field_validator("alias")
+    @classmethod
+    def _safe_alias(cls, v: str | None) -> str | None:
+        if v is not None and (not is_safe_name(v) or re.fullmatch(r"v\d+", v)):
+            raise ValueError(
+                f"{v!r} is not a usable alias: use letters, digits, '.', '_' and '-', starting with a letter "
+                "or digit, without '..', and not a version-like name such as v0001 (e.g. 'production')"
+            )
+        return v
+
+
+def _promote_problems(cfg: RunConfig) -> list[str]:
+    """Gates this run's eval cannot feed: a metric it does not produce, or (for a run that promotes at
+    its end, promote.alias set) no eval or no base scores at all."""
+    problems = []
+    gates = cfg.promote.gates
+    for name in ("min_improvement", "no_regression"):
+        gate = getattr(gates, name)
+        if not gate.enabled:
+            continue
+        key = f"promote.gates.{name}"
+        promotes = cfg.promote.alias is not None
+        if promotes and not cfg.eval.enabled:
+            problems.append(
+                f"{key} judges eval metrics but eval.enabled is false; set eval.enabled: true or "
+                f"{key}.enabled: false"
+            )
+        elif promotes and name == "min_improvement" and not cfg.eval.compare_base:
+            problems.append(
+                f"{key} compares tuned with base but eval.compare_base is false; set eval.compare_base: "
+                f"true or {key}.enabled: false"
+            )
+        if gate.metric == "exact_match" and cfg.data.format == "text":
+            problems.append(
+                f"{key}.metric is exact_match, which data.format 'text' does not produce (no prompts to "
+                f"answer); set {key}.metric to loss or perplexity"
+            )
+    if cfg.promote.alias and not cfg.publish.enabled:
+        problems.append(
+            "promote.alias is set but publish.enabled is false: only a published version is promoted"
+        )
+    return problems
+
+
 class RunConfig(_Strict):
     """The whole run: one YAML file, every stage's settings."""
 
@@ -274,6 +371,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
 
     @field_validator("name")
     @classmethod
@@ -328,6 +426,7 @@ class RunConfig(_Strict):
                 f"publish.include has {', '.join(map(repr, wrong))} but method {self.method!r} produces "
                 f"{produces}; valid values are {valid}"
             )
+        problems += _promote_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
