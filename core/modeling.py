@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from core.config import ModelConfig, QuantConfig, cache_root
+from core.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_source(name_or_path: str, *, storage_options: dict | None = None) -> str:
@@ -29,6 +28,7 @@ def resolve_source(name_or_path: str, *, storage_options: dict | None = None) ->
         name_or_path: hub id, local dir, ``file://`` path, fsspec URI or ``builtin:tiny-llama``.
         storage_options: fsspec options for a remote URI (``ModelConfig.storage_options``).
     """
+    # At call time: core.tiny imports tokenizers and transformers' model classes (seconds at start-up).
     from core.tiny import resolve_model_path
 
     if "://" in name_or_path and not name_or_path.startswith("file://"):
@@ -171,6 +171,7 @@ def load_model(
         **kwargs,
     )
     if quant is not None:
+        # At call time: core.quant imports bitsandbytes (seconds at start-up), which only QLoRA needs.
         from core.quant import quantize_model
 
         quantize_model(model, quant, device=device)

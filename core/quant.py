@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.config import QuantConfig
-from core.modeling import DTYPES
+from core.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
 

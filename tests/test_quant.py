@@ -316,7 +316,9 @@ def test_missing_bitsandbytes_says_how_to_install(monkeypatch, base):
 
 
 def test_dtype_names_map_through_one_table():
+    import core.dtypes
     import core.modeling
     import core.quant
 
-    assert core.quant.DTYPES is core.modeling.DTYPES  # one mapping, so config dtype names cannot drift
+    # one mapping, so config dtype names cannot drift
+    assert core.quant.DTYPES is core.modeling.DTYPES is core.dtypes.DTYPES
