@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.config import LoraConfig
+from core.errors import DeltatuneError
 from core.fsutil import writing_dir
 from core.lora import inject_lora, lora_modules, modules_to_save_names, rank_and_alpha
 
@@ -26,8 +27,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-class AdapterError(ValueError):
-    """An adapter is incomplete, corrupt, or does not fit the model it is loaded into."""
+class AdapterError(DeltatuneError, ValueError):
+    """An adapter is incomplete, corrupt, or does not fit the model it is loaded into; the same files
+    and model fail the same way again."""
+
+    retryable = False
 
 
 def adapter_params(model: nn.Module, modules_to_save: list[str] | None = None) -> dict[str, torch.Tensor]:
