@@ -9,7 +9,6 @@ error; ranks also die with their parent (PR_SET_PDEATHSIG), so no rank outlives 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -26,63 +25,41 @@ import torch
 
 from core import checkpoint as ckpt
 from core.config import RunConfig
+from core.errors import (
+    DeltatuneError,
+    is_retryable,  # noqa: F401  (re-exported until tasks/train.py imports core.errors)
+)
+from core.fsutil import read_json
+from core.process import SUPERVISOR_PID_ENV, set_pdeathsig
+from core.run import PREPARE_REPORT, RunDir, data_fingerprint, training_fingerprint
+from core.schedule import total_steps
 
 log = logging.getLogger(__name__)
 
-ERROR_FILE = "train_error.json"  # rank 0's; rank R > 0 writes train_error.rank<R>.json
+
+class PreflightError(DeltatuneError, ValueError):
+    """The run cannot start as configured; nothing was launched. Retrying will not help."""
+
+    retryable = False
 
 
-def error_file(run_dir: Path, rank: int) -> Path:
-    """Where rank ``rank`` records the exception that stopped it (see ``run_training``)."""
-    return run_dir / (ERROR_FILE if rank == 0 else f"train_error.rank{rank}.json")
+class TrainingFailed(DeltatuneError, RuntimeError):
+    """The training process exited non-zero; ``retryable`` is the verdict the failing rank recorded
+    (``core.errors.is_retryable`` of its exception), or True for a rank that died without one."""
+
+    def __init__(self, message: str, *, retryable: bool):
+        super().__init__(message, retryable=retryable)
 
 
-def _read_errors(run_dir: Path) -> dict:
+def _read_errors(rd: RunDir) -> dict:
     """The failure to report: the first rank's that a retry cannot fix, else rank 0's, else none.
 
     A rank that fails for good (out of memory, bad data) often leaves rank 0 with only the broken
     collective it was waiting in, which on its own looks retryable.
     """
-    found = []
-    for path in sorted(run_dir.glob("train_error*.json")):
-        try:
-            found.append(json.loads(path.read_text()))
-        except ValueError:  # unreadable: the log's tail tells instead
-            continue
+    found = [e for e in map(rd.read_json, rd.error_files()) if isinstance(e, dict)]  # torn: the log tells
     final = [e for e in found if e.get("retryable") is False]
     return (final or found or [{}])[0]
-
-
-# Set for torchrun launches to the supervising process's pid: a rank checks it is its grandparent
-# (supervisor -> torchrun -> rank) to detect a launcher that died before the rank armed its death signal.
-SUPERVISOR_PID_ENV = "DELTATUNE_SUPERVISOR_PID"
-_PR_SET_PDEATHSIG = 1
-
-
-class PreflightError(ValueError):
-    """The run cannot start as configured; nothing was launched. Retrying will not help."""
-
-
-class TrainingFailed(RuntimeError):
-    """The training process exited non-zero."""
-
-    def __init__(self, message: str, *, retryable: bool):
-        super().__init__(message)
-        self.retryable = retryable
-
-
-# Failures a retry cannot fix: bad config or data (ValueError covers ConfigError, DataError,
-# PreflightError, CheckpointMismatchError, AdapterError), divergence, a missing input file or module,
-# and running out of device memory with the same batch and model (lower train.micro_batch_size or use
-# gradient checkpointing / a higher ZeRO stage instead).
-NOT_RETRYABLE = (ValueError, FloatingPointError, FileNotFoundError, ImportError, torch.OutOfMemoryError)
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Whether retrying the train stage (which resumes) can help after ``exc``."""
-    if isinstance(exc, TrainingFailed):
-        return exc.retryable
-    return not isinstance(exc, NOT_RETRYABLE)
 
 
 def node_rank(cfg: RunConfig) -> int:
@@ -116,7 +93,7 @@ def preflight(cfg: RunConfig, run_dir: str | Path, train_data: str | Path | None
     if t.deepspeed_config and not Path(t.deepspeed_config).is_file():
         problems.append(f"train.deepspeed_config={t.deepspeed_config} does not exist (see deploy/deepspeed/)")
     if t.deepspeed_config and Path(t.deepspeed_config).is_file():
-        ds = json.loads(Path(t.deepspeed_config).read_text())
+        ds = read_json(t.deepspeed_config)
         if cfg.method == "qlora" and ds.get("zero_optimization", {}).get("stage") == 3:
             problems.append(
                 f"{t.deepspeed_config} uses ZeRO-3, which cannot shard 4-bit weights; use stage 0-2"
@@ -137,14 +114,14 @@ def preflight(cfg: RunConfig, run_dir: str | Path, train_data: str | Path | None
             "train.launcher='inprocess' cannot run method 'full' (DeepSpeed); use auto or torchrun"
         )
     try:
-        data = ckpt.data_fingerprint(train_data) if train_data is not None else None
-        fingerprint, root = ckpt.training_fingerprint(cfg), Path(run_dir) / "checkpoints"
-        summary = Path(run_dir) / "train_summary.json"
-        if summary.is_file():  # a finished run's checkpoints do not hold a new config or data back
-            finished = json.loads(summary.read_text())
+        rd = RunDir(run_dir)
+        data = data_fingerprint(train_data) if train_data is not None else None
+        fingerprint = training_fingerprint(cfg)
+        finished = rd.read_json(rd.summary)
+        if isinstance(finished, dict):  # a finished run's checkpoints do not hold a new config or data back
             if (finished.get("fingerprint"), finished.get("data_fingerprint")) != (fingerprint, data):
-                ckpt.discard_finished(root, finished)
-        ckpt.latest_complete(root, fingerprint, data)
+                ckpt.discard_finished(rd.checkpoints, finished)
+        ckpt.latest_complete(rd.checkpoints, fingerprint, data)
     except ckpt.CheckpointMismatchError as e:
         problems.append(str(e))
     if problems:
@@ -197,14 +174,6 @@ def build_command(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -
             str(port),
         ]
     return [*argv, *script]
-
-
-def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
-    """Have the kernel send ``sig`` to this process when its parent dies (Linux; no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except OSError:
-        pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -320,17 +289,15 @@ class _MetricsProgress:
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
     @classmethod
-    def for_run(cls, cfg: RunConfig, run_dir: Path, train_data: str | Path) -> _MetricsProgress | None:
-        report = Path(train_data).parent / "prepare_report.json"
+    def for_run(cls, cfg: RunConfig, rd: RunDir, train_data: str | Path) -> _MetricsProgress | None:
+        report = Path(train_data).parent / PREPARE_REPORT
         if not report.is_file():
             return None
-        from core.train import METRICS, total_steps
-
         try:
-            total = total_steps(cfg, json.loads(report.read_text())["train"])
-        except ValueError:  # too few rows: the training process reports that itself
+            total = total_steps(cfg, read_json(report)["train"])
+        except ValueError:  # too few rows (or a torn report): the training process reports that itself
             return None
-        return cls(Path(run_dir) / METRICS, total)
+        return cls(rd.metrics, total)
 
     def tick(self) -> None:
         try:
@@ -363,15 +330,17 @@ def run_training(
         PreflightError: nothing was launched (not retryable).
         TrainingFailed: the process failed; ``retryable`` says whether a retry (which resumes) may help.
     """
-    run_dir = Path(run_dir)
+    run_dir, rd = Path(run_dir), RunDir(run_dir)
     preflight(cfg, run_dir, train_data)
     if resolve_launcher(cfg) == "inprocess":
+        # Only this launcher runs training in the supervising process: a supervisor of a subprocess
+        # never loads the training stack (datasets, transformers, the model code).
         from core.train import train
 
         return train(cfg, run_dir, train_data).summary
     argv = build_command(cfg, run_dir, train_data)
     log.info("launching: %s", " ".join(argv))
-    for stale in run_dir.glob("train_error*.json"):
+    for stale in rd.error_files():
         stale.unlink()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[1])
@@ -380,7 +349,7 @@ def run_training(
     # torchrun's ranks are its own children (the deepspeed launcher's are not): see core.train's top.
     if resolve_launcher(cfg) == "torchrun":
         env[SUPERVISOR_PID_ENV] = str(os.getpid())
-    progress = _MetricsProgress.for_run(cfg, run_dir, train_data) if sys.stderr.isatty() else None
+    progress = _MetricsProgress.for_run(cfg, rd, train_data) if sys.stderr.isatty() else None
     try:
         rc, tail = run_supervised(
             argv, on_line=on_line, env=env, timeout_s=cfg.train.timeout_s, on_tick=progress and progress.tick
@@ -389,12 +358,11 @@ def run_training(
         if progress is not None:
             progress.close()
     if rc != 0:
-        info = _read_errors(run_dir)
+        info = _read_errors(rd)
         detail = f"{info['type']}: {info['message']}" if info else "\n".join(tail[-15:])
         raise TrainingFailed(
             f"training exited with code {rc}: {detail}", retryable=info.get("retryable", True)
         )
-    summary = run_dir / "train_summary.json"
-    if node_rank(cfg) != 0 and not summary.is_file():  # rank 0 writes it, on node 0's disk
+    if node_rank(cfg) != 0 and not rd.summary.is_file():  # rank 0 writes it, on node 0's disk
         return {"method": cfg.method, "node_rank": node_rank(cfg), "output_dir": None}
-    return json.loads(summary.read_text())
+    return read_json(rd.summary)

@@ -5,53 +5,44 @@
 
 Every multi-process run goes through one DeepSpeed engine (ZeRO stage 0 is plain data parallel): the
 path CI exercises with 2 CPU ranks over gloo is the one GPUs run. A single LoRA/QLoRA process uses a
-plain torch loop. Never imports prefect: progress is reported through files in the run directory.
+plain torch loop. ``train()`` is ``setup()`` -> ``loop()`` -> ``finish()``. Never imports prefect:
+progress is reported through files in the run directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import math
 import os
 import resource
 import shutil
-import signal
 import socket
 import sys
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.process import SUPERVISOR_PID_ENV, parent_of, set_pdeathsig
+
 # ruff: noqa: E402  (a rank arms its death signal before the heavy imports below)
-
-
-def _parent_of(pid: int) -> int:
-    """The parent pid of ``pid`` (from /proc), or -1 if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return -1
-    return int(stat[stat.rindex(")") + 2 :].split()[1])  # after "pid (comm) ": state, ppid, ...
-
 
 if __name__ == "__main__" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and sys.platform == "linux":
     # Die with the launcher from the first moment, not only from main(): importing torch and
     # transformers takes seconds, and a launcher killed meanwhile left its ranks running under init
     # (tests/test_distributed.py::test_launcher_killed_during_startup_leaves_no_rank).
     _launcher_pid = os.getppid()
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    set_pdeathsig()
     # A launcher that died before that line leaves this rank re-parented, and the signal armed on the
     # wrong parent. core.launch names the supervisor of a torchrun launch, which is this rank's
-    # grandparent for as long as the launcher lives (core.launch.SUPERVISOR_PID_ENV).
-    _supervisor = os.environ.get("DELTATUNE_SUPERVISOR_PID")
-    if os.getppid() != _launcher_pid or (_supervisor and _parent_of(_launcher_pid) != int(_supervisor)):
+    # grandparent for as long as the launcher lives.
+    _supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if os.getppid() != _launcher_pid or (_supervisor and parent_of(_launcher_pid) != int(_supervisor)):
         os._exit(1)
 
 import torch
@@ -59,17 +50,16 @@ from torch import nn
 
 from core import checkpoint as ckpt
 from core.adapter import adapter_params, save_adapter
-from core.config import RunConfig, read_resolved
+from core.config import RunConfig
 from core.data import collate, load_split
-from core.fsutil import writing_dir
-from core.launch import error_file, is_retryable, set_pdeathsig
+from core.errors import is_retryable
+from core.fsutil import atomic_write, writing_dir
 from core.lora import count_parameters, inject_lora
 from core.modeling import load_model, load_tokenizer, pick_device, resolve_source
+from core.run import RunDir, data_fingerprint, training_fingerprint
+from core.schedule import lr_factor, step_rows, total_steps
 
 log = logging.getLogger(__name__)
-
-METRICS = "metrics.jsonl"
-SUMMARY = "train_summary.json"
 
 
 @dataclass
@@ -106,38 +96,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data order: a pure function of (seed, step), so resuming needs only the step counter
+# Data order (core.schedule): this rank's share of a step
 # ----------------------------------------------------------------------------------------------------
-
-
-def steps_per_epoch(num_rows: int, batch_size: int) -> int:
-    return num_rows // batch_size
-
-
-def total_steps(cfg: RunConfig, num_rows: int) -> int:
-    spe = steps_per_epoch(num_rows, cfg.train.batch_size)
-    if spe == 0 and cfg.train.max_steps is None:
-        raise ValueError(
-            f"{num_rows} training rows are fewer than train.batch_size={cfg.train.batch_size}; "
-            "lower batch_size or add data"
-        )
-    return cfg.train.max_steps or cfg.train.epochs * spe
-
-
-def step_rows(step: int, num_rows: int, cfg: RunConfig) -> torch.Tensor:
-    """Row indices of optimizer step ``step`` (0-based) over all ranks: a pure function of (seed, step).
-
-    Each epoch is a permutation seeded by (seed, epoch); step s reads rows [s·B, (s+1)·B) of it.
-    Epochs with a partial last batch drop it.
-    """
-    bsz = cfg.train.batch_size
-    spe = max(1, steps_per_epoch(num_rows, bsz))
-    epoch, pos = divmod(step, spe)
-    g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
-    order = torch.randperm(num_rows, generator=g)
-    if bsz > num_rows:  # max_steps with a tiny dataset: wrap around within the epoch
-        return order.repeat(math.ceil(bsz / num_rows))[:bsz]
-    return order[pos * bsz : (pos + 1) * bsz]
 
 
 def micro_batches(step: int, num_rows: int, cfg: RunConfig, env: DistEnv) -> Iterator[list[int]]:
@@ -146,19 +106,6 @@ def micro_batches(step: int, num_rows: int, cfg: RunConfig, env: DistEnv) -> Ite
     for k in range(cfg.train.grad_accum):
         start = (k * env.world_size + env.rank) * micro
         yield batch[start : start + micro].tolist()
-
-
-def lr_factor(step: int, total: int, cfg: RunConfig) -> float:
-    """Linear warmup then cosine/linear decay to ``min_lr_ratio`` (multiplies each group's lr)."""
-    t = cfg.train
-    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if t.lr_scheduler == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_scheduler == "cosine" else 1 - progress
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
 
 def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -259,12 +206,13 @@ class PlainBackend(_Backend):
     def load(self, path):
         from safetensors.torch import load_file
 
+        # Both files are read before anything is applied: one that fails to read changes nothing.
         state = load_file(str(path / "trainable.safetensors"))
+        opt = torch.load(path / "optim.pt", weights_only=True)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t)
-        opt = torch.load(path / "optim.pt", weights_only=True)
         self.opt.load_state_dict(opt["optimizer"])
         self.sched.load_state_dict(opt["scheduler"])
         if self.scaler and "scaler" in opt:
@@ -367,10 +315,7 @@ class DeepSpeedBackend(_Backend):
             load_lr_scheduler_states=True,
         )
         if load_path is None:
-            raise ckpt.UnreadableCheckpointError(
-                f"DeepSpeed could not load checkpoint {path}; delete that directory to resume from the "
-                "one before it, or start fresh under a new run name"
-            )
+            raise ckpt.UnreadableCheckpointError(f"DeepSpeed found no checkpoint to load in {path}")
 
     def all_reduce_sum(self, t):
         import torch.distributed as dist
@@ -390,7 +335,7 @@ class DeepSpeedBackend(_Backend):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The loop
+# setup -> loop -> finish
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -398,6 +343,294 @@ class DeepSpeedBackend(_Backend):
 class TrainResult:
     output_dir: Path  # adapter/ for lora and qlora, model/ for full
     summary: dict[str, Any]
+
+
+@dataclass
+class Session:
+    """One attempt at training a run, built by :func:`setup` and advanced by :func:`loop`."""
+
+    cfg: RunConfig
+    run: RunDir
+    env: DistEnv
+    fingerprint: str  # training_fingerprint(cfg): what a checkpoint must match to be resumed
+    data_fp: str  # data_fingerprint of the split
+    device: torch.device
+    precision: str
+    rows: Any  # the prepared train split (a datasets.Dataset)
+    row_tokens: torch.Tensor  # (num_rows,) tokens each row trains (labels after the causal shift)
+    total: int  # optimizer steps of the whole run
+    tokenizer: Any
+    backend: _Backend
+    trainable: int
+    n_total: int
+    resume: ckpt.Checkpoint | None = None
+    # Complete checkpoints that failed their check or their load: deleted once a newer one is complete.
+    damaged: list[Path] = field(default_factory=list)
+    # Counters of the steps before this attempt, carried in the checkpoint's meta so that the summary
+    # covers the whole run, not the last attempt (time lost between a checkpoint and a kill is not counted).
+    tokens_before: int = 0
+    seconds_before: float = 0.0
+    # This attempt's progress.
+    t_start: float = 0.0
+    tokens: int = 0
+    last_loss: float = math.nan
+
+    @property
+    def start(self) -> int:
+        return self.resume.step if self.resume is not None else 0
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return isinstance(self.backend, DeepSpeedBackend)
+
+
+def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainResult:
+    """Train per ``cfg`` in this process (one rank of many under a launcher, or alone).
+
+    Resumes from the newest complete, intact checkpoint in ``run_dir/checkpoints`` written by the same
+    training configuration; a finished run (``train_summary.json`` present) returns at once.
+    """
+    session = setup(cfg, run_dir, train_data)
+    if isinstance(session, TrainResult):
+        return session
+    loop(session)
+    return finish(session)
+
+
+def setup(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> Session | TrainResult:
+    """Everything before the first step: the process group, the resume point (agreed by every rank),
+    the data, the model and its backend, the resumed state. A finished run gives its TrainResult.
+
+    Raises:
+        CheckpointMismatchError: the newest checkpoint is from another configuration or other data.
+        UnreadableCheckpointError: a checkpoint failed to load (it is marked; a retry passes it by).
+    """
+    rd, env = RunDir(run_dir), DistEnv.from_environ()
+    fingerprint, data_fp = training_fingerprint(cfg), data_fingerprint(train_data)
+    summary = rd.finished(cfg, train_data)
+    finished = TrainResult(Path(summary["output_dir"]), summary) if summary is not None else None
+    if finished is not None and env.world_size == 1:
+        log.info("training already finished (%s); nothing to do", rd.summary)
+        return finished
+    ckpt.latest_complete(rd.checkpoints, fingerprint, data_fp)  # raises on a config or data mismatch
+    resume, damaged = ckpt.newest_intact(ckpt.list_complete(rd.checkpoints), report=env.is_main)
+
+    use_ds = cfg.method == "full" or env.world_size > 1
+    if use_ds:
+        if "MASTER_ADDR" not in os.environ:  # one DeepSpeed process without a launcher
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        import deepspeed  # at call time: a single LoRA/QLoRA process never needs it (seconds to import)
+
+        # Before anything reads the world size (HfDeepSpeedConfig validates batch sizes against it).
+        deepspeed.init_distributed()
+    if env.world_size != cfg.world_size:
+        raise ValueError(
+            f"launched with WORLD_SIZE={env.world_size} but the config asks for {cfg.world_size} processes "
+            "(train.num_processes x train.num_nodes); launch through core.launch"
+        )
+    device = pick_device(env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.world_size > 1:
+        # Every rank must start from the same place, or the collectives of the loop pair up wrongly and
+        # hang: ranks on nodes that do not share run_dir see different checkpoints and summaries.
+        _same_on_every_rank(-1 if finished is not None else (resume.step if resume else 0), device, rd.path)
+        if finished is not None:
+            log.info("training already finished (%s); nothing to do", rd.summary)
+            return finished
+    precision = resolve_precision(cfg.train.precision, device)
+    torch.manual_seed(cfg.train.seed)
+
+    rows = load_split(train_data)
+    # Tokens each row trains (labels after the causal shift): every rank derives a step's global
+    # token count from the data order alone, without a collective.
+    row_tokens = torch.tensor([sum(t != -100 for t in labels[1:]) for labels in rows["labels"]])
+    total = total_steps(cfg, len(rows))
+    source = resolve_source(cfg.model.name_or_path, storage_options=cfg.model.storage_options)
+    tokenizer = load_tokenizer(cfg.model)
+    ds_config = deepspeed_config(cfg, precision) if use_ds else None
+    model = _build_model(cfg, source, device, ds_config)
+    trainable, n_total = count_parameters(model)
+    model.train()
+    backend: _Backend
+    if use_ds:
+        backend = DeepSpeedBackend(model, cfg, total, ds_config, env)
+    else:
+        backend = PlainBackend(model, cfg, total, device, precision)
+    s = Session(
+        cfg=cfg,
+        run=rd,
+        env=env,
+        fingerprint=fingerprint,
+        data_fp=data_fp,
+        device=device,
+        precision=precision,
+        rows=rows,
+        row_tokens=row_tokens,
+        total=total,
+        tokenizer=tokenizer,
+        backend=backend,
+        trainable=trainable,
+        n_total=n_total,
+        damaged=[c.path for c in damaged],
+    )
+    _load_resume_point(s, resume)
+    if env.is_main:
+        _truncate_metrics(rd.metrics, s.start)
+        log.info(
+            "training %s: %d steps, %d rows, batch %d (micro %d x accum %d x %d ranks), %s, %s trainable of %s",
+            cfg.method,
+            total,
+            len(rows),
+            cfg.train.batch_size,
+            cfg.micro_batch_size,
+            cfg.train.grad_accum,
+            env.world_size,
+            precision,
+            f"{trainable:,}",
+            f"{n_total:,}",
+        )
+    return s
+
+
+def _load_resume_point(s: Session, resume: ckpt.Checkpoint | None) -> None:
+    """Load ``resume`` (and this rank's RNG state) into ``s``; see :func:`_is_damage` for what counts.
+
+    A checkpoint that fails to load is marked ``UNREADABLE``. One process then loads the newest intact
+    checkpoint before it, which overwrites every trained tensor and the optimizer, scheduler and RNG
+    state; with none left, or with several ranks (a peer may be waiting inside a collective of the
+    load), it stops with a retryable error, and the retry passes the marked checkpoint by.
+    """
+    while resume is not None:
+        try:
+            s.backend.load(resume.path)
+            ckpt.load_rng(resume.path, s.env.rank)
+            break
+        except Exception as e:
+            if not _is_damage(e):
+                raise
+            ckpt.mark_unreadable(resume, e)
+            s.damaged.append(resume.path)
+            older = [c for c in ckpt.list_complete(s.run.checkpoints) if c.step < resume.step]
+            failed, (resume, damaged) = resume, ckpt.newest_intact(older, report=s.env.is_main)
+            s.damaged += [c.path for c in damaged]
+            what = (
+                f"checkpoint {failed.path} could not be loaded on rank {s.env.rank} ({type(e).__name__}: {e})"
+            )
+            if s.env.world_size > 1 or resume is None:
+                then = "the one before it" if resume is not None else "step 0"
+                raise ckpt.UnreadableCheckpointError(
+                    f"{what}; it is marked {ckpt.UNREADABLE}, so a retry resumes from {then}"
+                ) from e
+            log.warning(
+                "%s; it is marked %s; resuming from %s instead", what, ckpt.UNREADABLE, resume.path.name
+            )
+    s.resume = resume
+    if resume is not None:
+        s.tokens_before = int(resume.meta.get("tokens", 0))
+        s.seconds_before = float(resume.meta.get("train_time_s", 0.0))
+        if s.env.is_main:
+            log.info("resumed from %s (step %d of %d)", resume.path, resume.step, s.total)
+
+
+def _is_damage(exc: Exception) -> bool:
+    """Whether a failed load says the checkpoint itself is bad (a torn or foreign file), rather than
+    this machine (out of memory) or a passing I/O error, after which the checkpoint may load."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return False
+    return not isinstance(exc, OSError) or isinstance(exc, FileNotFoundError)
+
+
+def loop(s: Session) -> None:
+    """Optimizer steps ``s.start`` .. ``s.total``: one metrics line per step, a log line every
+    ``train.log_every`` steps, a checkpoint every ``train.save_every`` (but the last)."""
+    cfg, env, backend = s.cfg, s.env, s.backend
+    num_rows, pad_id = len(s.rows), s.tokenizer.pad_token_id
+    bar = _progress(s.total, s.start, env)
+    s.t_start = time.perf_counter()
+    with s.run.metrics.open("a") if env.is_main else nullcontext() as mf:
+        for step in range(s.start, s.total):
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros(2, dtype=torch.float64)  # (this rank's share of the loss, its tokens)
+            step_lr = backend.lr()  # the lr this step's update uses (the scheduler steps inside it)
+            step_tokens = int(s.row_tokens[step_rows(step, num_rows, cfg)].sum())
+            for idx in micro_batches(step, num_rows, cfg, env):
+                batch = collate([s.rows[i] for i in idx], pad_id)
+                if not s.uses_deepspeed:
+                    batch = {k: v.to(s.device) for k, v in batch.items()}
+                loss_sum[0] += backend.forward_backward(batch, step_tokens).double().cpu()
+                loss_sum[1] += int(batch["attention_mask"].sum())
+            grad_norm = backend.optimizer_step()
+            stats = backend.all_reduce_sum(loss_sum.to(torch.float64))
+            if not math.isfinite(float(stats[0])):
+                raise FloatingPointError(f"loss is {float(stats[0])} at step {step + 1}; lower train.lr")
+            dt = time.perf_counter() - t0
+            s.last_loss = float(stats[0])  # the step's token-mean loss over all ranks
+            s.tokens += int(stats[1])
+            done = step + 1
+            if env.is_main:
+                rec = {
+                    "step": done,
+                    "loss": round(s.last_loss, 6),
+                    "lr": step_lr,
+                    "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+                    "tokens": int(stats[1]),
+                    "tokens_per_s": round(int(stats[1]) / dt, 1),
+                    "step_time_s": round(dt, 4),
+                    "peak_mem_mb": round(_peak_memory_mb(s.device), 1),
+                }
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{s.last_loss:.4f}", lr=f"{rec['lr']:.2e}")
+                if done % cfg.train.log_every == 0 or done == s.total:
+                    log.info(
+                        "step %d/%d loss %.4f lr %.3e tok/s %.0f",
+                        done,
+                        s.total,
+                        s.last_loss,
+                        rec["lr"],
+                        rec["tokens_per_s"],
+                    )
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < s.total:
+                _save_checkpoint(s, done)
+    bar.close()
+
+
+def finish(s: Session) -> TrainResult:
+    """The final adapter or model, ``train_summary.json``, and the step checkpoints it supersedes."""
+    cfg, env, rd = s.cfg, s.env, s.run
+    out = _save_final(s.backend, cfg, rd, s.tokenizer)
+    s.backend.barrier()
+    s.backend.close()
+    summary = {
+        "method": cfg.method,
+        "output_dir": str(out),
+        "steps": s.total,
+        "resumed_from_step": s.start if s.resume else None,
+        "final_loss": s.last_loss,
+        "wall_time_s": round(s.seconds_before + time.perf_counter() - s.t_start, 2),  # every attempt
+        "attempt_wall_time_s": round(time.perf_counter() - s.t_start, 2),
+        "tokens": s.tokens_before + s.tokens,  # processed (attention mask), over steps 1..total
+        "peak_mem_mb": round(_peak_memory_mb(s.device), 1),  # this attempt's
+        "trainable_params": s.trainable,
+        "total_params": s.n_total,
+        "trainable_share": s.trainable / s.n_total,
+        "world_size": env.world_size,
+        "zero_stage": s.backend.stage if s.uses_deepspeed else None,  # the DeepSpeed config file may set it
+        "precision": s.precision,
+        "fingerprint": s.fingerprint,
+        "data_fingerprint": s.data_fp,
+    }
+    if env.is_main:
+        rd.write_json(rd.summary, summary)
+        log.info("training done: %s", json.dumps(summary))
+        if not cfg.train.keep_checkpoints and rd.checkpoints.is_dir():
+            shutil.rmtree(rd.checkpoints)  # the outputs and summary supersede them; a new config starts clean
+        else:
+            ckpt.remove(s.damaged)  # the finished output is their successor
+    return TrainResult(out, summary)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -418,9 +651,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    tmp.replace(path)
+    atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
 def _build_model(cfg: RunConfig, source: str, device: torch.device, ds_config: dict | None) -> nn.Module:
@@ -444,18 +675,17 @@ def _build_model(cfg: RunConfig, source: str, device: torch.device, ds_config: d
     return model
 
 
-def _save_final(backend: _Backend, cfg: RunConfig, run_dir: Path, tokenizer) -> Path:
+def _save_final(backend: _Backend, cfg: RunConfig, rd: RunDir, tokenizer) -> Path:
     model, env = backend.model, backend.env
     zero3 = isinstance(backend, DeepSpeedBackend) and backend.stage == 3
+    out = rd.trained_dir(cfg.method)
     if cfg.method == "full":
-        out = run_dir / "model"
         sd = backend.engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # collective
         if env.is_main:
             with writing_dir(out) as tmp:
                 model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
         return out
-    out = run_dir / "adapter"
     params = adapter_params(model, cfg.lora.modules_to_save)
     if zero3:
         import deepspeed
@@ -467,193 +697,6 @@ def _save_final(backend: _Backend, cfg: RunConfig, run_dir: Path, tokenizer) -> 
     if env.is_main:
         save_adapter(model, out, cfg.lora, base_model=cfg.model.name_or_path, state_dict=sd)
     return out
-
-
-def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainResult:
-    """Train per ``cfg`` in this process (one rank of many under a launcher, or alone).
-
-    Resumes from the newest complete checkpoint in ``run_dir/checkpoints`` written by the same
-    training configuration; a finished run (``train_summary.json`` present) returns at once.
-    """
-    run_dir = Path(run_dir)
-    env = DistEnv.from_environ()
-    fingerprint, data_fp = ckpt.training_fingerprint(cfg), ckpt.data_fingerprint(train_data)
-    summary_path = run_dir / SUMMARY
-    finished = None
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        same = (summary.get("fingerprint"), summary.get("data_fingerprint")) == (fingerprint, data_fp)
-        if same and Path(summary["output_dir"]).exists():
-            finished = TrainResult(Path(summary["output_dir"]), summary)
-    if finished is not None and env.world_size == 1:
-        log.info("training already finished (%s); nothing to do", summary_path)
-        return finished
-    ckpt_root = run_dir / "checkpoints"
-    resume = ckpt.latest_complete(ckpt_root, fingerprint, data_fp)  # raises on a config or data mismatch
-
-    use_ds = cfg.method == "full" or env.world_size > 1
-    if use_ds:
-        if "MASTER_ADDR" not in os.environ:  # one DeepSpeed process without a launcher
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        import deepspeed
-
-        # Before anything reads the world size (HfDeepSpeedConfig validates batch sizes against it).
-        deepspeed.init_distributed()
-    if env.world_size != cfg.world_size:
-        raise ValueError(
-            f"launched with WORLD_SIZE={env.world_size} but the config asks for {cfg.world_size} processes "
-            "(train.num_processes x train.num_nodes); launch through core.launch"
-        )
-    device = pick_device(env.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if env.world_size > 1:
-        # Every rank must start from the same place, or the collectives of the loop pair up wrongly and
-        # hang: ranks on nodes that do not share run_dir see different checkpoints and summaries.
-        _same_on_every_rank(-1 if finished is not None else (resume.step if resume else 0), device, run_dir)
-        if finished is not None:
-            log.info("training already finished (%s); nothing to do", summary_path)
-            return finished
-    precision = resolve_precision(cfg.train.precision, device)
-    torch.manual_seed(cfg.train.seed)
-
-    rows = load_split(train_data)
-    num_rows = len(rows)
-    # Tokens each row trains (labels after the causal shift): every rank derives a step's global
-    # token count from the data order alone, without a collective.
-    row_tokens = torch.tensor([sum(t != -100 for t in labels[1:]) for labels in rows["labels"]])
-    total = total_steps(cfg, num_rows)
-    source = resolve_source(cfg.model.name_or_path, storage_options=cfg.model.storage_options)
-    tokenizer = load_tokenizer(cfg.model)
-    ds_config = deepspeed_config(cfg, precision) if use_ds else None
-    model = _build_model(cfg, source, device, ds_config)
-    trainable, n_total = count_parameters(model)
-    model.train()
-    backend: _Backend
-    if use_ds:
-        backend = DeepSpeedBackend(model, cfg, total, ds_config, env)
-    else:
-        backend = PlainBackend(model, cfg, total, device, precision)
-
-    start = 0
-    # Counters of the steps before this attempt, carried in the checkpoint's meta so that the summary
-    # covers the whole run, not the last attempt (time lost between a checkpoint and a kill is not counted).
-    tokens_before, seconds_before = 0, 0.0
-    metrics_path = run_dir / METRICS
-    if resume is not None:
-        backend.load(resume.path)
-        ckpt.load_rng(resume.path, env.rank)
-        start = resume.step
-        tokens_before = int(resume.meta.get("tokens", 0))
-        seconds_before = float(resume.meta.get("train_time_s", 0.0))
-        if env.is_main:
-            log.info("resumed from %s (step %d of %d)", resume.path, start, total)
-    if env.is_main:
-        _truncate_metrics(metrics_path, start)
-    if env.is_main:
-        log.info(
-            "training %s: %d steps, %d rows, batch %d (micro %d x accum %d x %d ranks), %s, %s trainable of %s",
-            cfg.method,
-            total,
-            num_rows,
-            cfg.train.batch_size,
-            cfg.micro_batch_size,
-            cfg.train.grad_accum,
-            env.world_size,
-            precision,
-            f"{trainable:,}",
-            f"{n_total:,}",
-        )
-    bar = _progress(total, start, env)
-    pad_id = tokenizer.pad_token_id
-    t_start = time.perf_counter()
-    tokens_total = 0
-    last_loss = float("nan")
-    with metrics_path.open("a") if env.is_main else nullcontext() as mf:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros(2, dtype=torch.float64)  # (this rank's share of the loss, its tokens)
-            step_lr = backend.lr()  # the lr this step's update uses (the scheduler steps inside it)
-            step_tokens = int(row_tokens[step_rows(step, num_rows, cfg)].sum())
-            for idx in micro_batches(step, num_rows, cfg, env):
-                batch = collate([rows[i] for i in idx], pad_id)
-                if not use_ds:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                loss_sum[0] += backend.forward_backward(batch, step_tokens).double().cpu()
-                loss_sum[1] += int(batch["attention_mask"].sum())
-            grad_norm = backend.optimizer_step()
-            stats = backend.all_reduce_sum(loss_sum.to(torch.float64))
-            if not math.isfinite(float(stats[0])):
-                raise FloatingPointError(f"loss is {float(stats[0])} at step {step + 1}; lower train.lr")
-            dt = time.perf_counter() - t0
-            last_loss = float(stats[0])  # the step's token-mean loss over all ranks
-            tokens_total += int(stats[1])
-            done = step + 1
-            if env.is_main:
-                rec = {
-                    "step": done,
-                    "loss": round(last_loss, 6),
-                    "lr": step_lr,
-                    "grad_norm": None if grad_norm is None else round(grad_norm, 6),
-                    "tokens": int(stats[1]),
-                    "tokens_per_s": round(int(stats[1]) / dt, 1),
-                    "step_time_s": round(dt, 4),
-                    "peak_mem_mb": round(_peak_memory_mb(device), 1),
-                }
-                mf.write(json.dumps(rec) + "\n")
-                mf.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{rec['lr']:.2e}")
-                if done % cfg.train.log_every == 0 or done == total:
-                    log.info(
-                        "step %d/%d loss %.4f lr %.3e tok/s %.0f",
-                        done,
-                        total,
-                        last_loss,
-                        rec["lr"],
-                        rec["tokens_per_s"],
-                    )
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
-                meta = {
-                    "fingerprint": fingerprint,
-                    "data_fingerprint": data_fp,
-                    "method": cfg.method,
-                    "tokens": tokens_before + tokens_total,
-                    "train_time_s": round(seconds_before + time.perf_counter() - t_start, 3),
-                }
-                _save_checkpoint(backend, ckpt_root, done, meta, cfg.train.keep_last)
-    bar.close()
-    out = _save_final(backend, cfg, run_dir, tokenizer)
-    backend.barrier()
-    backend.close()
-    summary = {
-        "method": cfg.method,
-        "output_dir": str(out),
-        "steps": total,
-        "resumed_from_step": start if resume else None,
-        "final_loss": last_loss,
-        "wall_time_s": round(seconds_before + time.perf_counter() - t_start, 2),  # every attempt
-        "attempt_wall_time_s": round(time.perf_counter() - t_start, 2),
-        "tokens": tokens_before + tokens_total,  # processed (attention mask), over steps 1..total
-        "peak_mem_mb": round(_peak_memory_mb(device), 1),  # this attempt's
-        "trainable_params": trainable,
-        "total_params": n_total,
-        "trainable_share": trainable / n_total,
-        "world_size": env.world_size,
-        "zero_stage": backend.stage if use_ds else None,  # the DeepSpeed config file may set it
-        "precision": precision,
-        "fingerprint": fingerprint,
-        "data_fingerprint": data_fp,
-    }
-    if env.is_main:
-        tmp = summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(summary_path)
-        log.info("training done: %s", json.dumps(summary))
-        if not cfg.train.keep_checkpoints and ckpt_root.is_dir():
-            shutil.rmtree(ckpt_root)  # the outputs and summary supersede them; a new config starts clean
-    return TrainResult(out, summary)
 
 
 def _same_on_every_rank(start: int, device: torch.device, run_dir: Path) -> None:
@@ -671,11 +714,22 @@ def _same_on_every_rank(start: int, device: torch.device, run_dir: Path) -> None
         )
 
 
-def _save_checkpoint(backend: _Backend, root: Path, step: int, meta: dict, keep_last: int) -> None:
-    env = backend.env
+def _save_checkpoint(s: Session, step: int) -> None:
+    backend, env, root = s.backend, s.env, s.run.checkpoints
+    meta = {
+        "step": step,
+        "world_size": env.world_size,
+        "fingerprint": s.fingerprint,
+        "data_fingerprint": s.data_fp,
+        "method": s.cfg.method,
+        "tokens": s.tokens_before + s.tokens,
+        "train_time_s": round(s.seconds_before + time.perf_counter() - s.t_start, 3),
+    }
     path = root / ckpt.step_dir_name(step)
     if env.is_main:
-        if path.exists():  # a torn write of this same step from a killed attempt
+        if path in s.damaged:  # complete but damaged: out of the way, deleted once this step is complete
+            s.damaged[s.damaged.index(path)] = ckpt.set_aside(path)
+        elif path.exists():  # a torn write of this same step from a killed attempt
             shutil.rmtree(path)
         path.mkdir(parents=True)
     backend.barrier()
@@ -683,12 +737,11 @@ def _save_checkpoint(backend: _Backend, root: Path, step: int, meta: dict, keep_
     ckpt.save_rng(path, env.rank)
     backend.barrier()  # every rank has written its shards and RNG state
     if env.is_main:
-        ckpt.mark_complete(
-            path,
-            {"step": step, "world_size": env.world_size, **meta},
-        )
-        ckpt.prune(root, keep_last)
+        ckpt.mark_complete(path, meta)
+        ckpt.remove(s.damaged)  # before prune, which keeps the newest complete ones, damaged or not
+        ckpt.prune(root, s.cfg.train.keep_last)
         log.info("checkpoint %s complete", path)
+    s.damaged.clear()
     backend.barrier()
 
 
@@ -724,14 +777,13 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank{env.rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    rd = RunDir(args.run_dir)
     try:
-        train(read_resolved(args.run_dir), args.run_dir, args.train_data)
+        train(rd.config(), args.run_dir, args.train_data)
     except Exception as e:
         # Every rank records its own failure; the supervisor reads them to decide whether a retry can help.
         err = {"type": type(e).__name__, "message": str(e), "retryable": is_retryable(e), "rank": env.rank}
-        path = error_file(Path(args.run_dir), env.rank)
-        path.with_suffix(".tmp").write_text(json.dumps(err))
-        path.with_suffix(".tmp").replace(path)  # a rank killed mid-write leaves no torn file
+        rd.write_json(rd.error_file(env.rank), err)  # a rank killed mid-write leaves no torn file
         raise
     _leave_process_group()
     return 0

@@ -4,7 +4,7 @@
 
 Full fine-tuning under ZeRO-2 and ZeRO-3, LoRA under ZeRO-3, QLoRA under ZeRO-2, single-process vs
 2-rank equivalence,
-exact kill-and-resume past a torn checkpoint, and no rank process left behind.
+exact kill-and-resume past a torn and a damaged checkpoint, and no rank process left behind.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from core import checkpoint as ckpt
-from core.config import RunConfig, write_resolved
+from core.config import RunConfig
 from core.data import prepare_dataset
 from core.launch import build_command, run_training
 from core.modeling import load_tokenizer
+from core.run import RunDir
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def make_run(run_config, shared_data: dict):
 
     def make(*overrides: str) -> tuple[RunConfig, Path]:
         cfg = run_config("train.num_processes=2", "train.max_steps=8", *overrides)
-        write_resolved(cfg, cfg.run_dir)
+        RunDir.create(cfg)
         if "train_dir" not in shared_data:
             root = shared_data["root"]
             data = prepare_dataset(cfg.data, load_tokenizer(cfg.model), root, cache_dir=root / "cache")
@@ -348,8 +349,23 @@ def test_kill_resume_exact_skips_torn_checkpoint_no_orphans(make_run, tmp_path: 
     for f in torn.rglob("zero_pp_rank_1_*"):
         f.unlink()
     assert ckpt.latest_complete(ckpts).step == 6
+    # And a newer complete one whose rank-1 shard was cut short after its marker: every rank must
+    # pass it by alike (they agree on the step before the loop) and resume from step 6.
+    damaged = ckpts / ckpt.step_dir_name(8)
+    shutil.copytree(ckpts / ckpt.step_dir_name(6), damaged)
+    (shard,) = damaged.glob("zero_pp_rank_1_*")
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:
+        f.truncate(size - 100)
+    assert ckpt.latest_complete(ckpts).step == 8
 
-    summary = train(b, train_dir)
+    lines: list[str] = []
+    summary = run_training(b, b.run_dir, train_dir, on_line=lines.append)
+    assert_no_orphans(b.run_dir)
+    warned = [ln for ln in lines if f"checkpoint {damaged} is damaged" in ln]
+    assert len(warned) == 1, lines[-60:]  # rank 0 reports it
+    assert f"{shard.name} has {size - 100} bytes, expected {size}" in warned[0]
+    assert "resuming from step-000006 instead" in warned[0]
     assert summary["resumed_from_step"] == 6
     resumed = losses(b.run_dir)
     print(f"uninterrupted {ref}\nresumed       {resumed}")

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, write_resolved
+from core.config import ConfigError
 from core.launch import (
-    ERROR_FILE,
     PreflightError,
     TrainingFailed,
     build_command,
@@ -22,6 +21,7 @@ from core.launch import (
     run_supervised,
     run_training,
 )
+from core.run import RunDir, training_fingerprint
 from tests.conftest import REPO
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_preflight_reports_every_problem_and_launches_nothing(run_config, tmp_pa
     other = run_config("train.lr=5e-2")
     step = cfg.run_dir / "checkpoints" / ckpt.step_dir_name(2)
     step.mkdir(parents=True)
-    ckpt.mark_complete(step, {"step": 2, "fingerprint": ckpt.training_fingerprint(other)})
+    ckpt.mark_complete(step, {"step": 2, "fingerprint": training_fingerprint(other)})
     with pytest.raises(PreflightError) as err:
         run_training(cfg, cfg.run_dir, tmp_path / "data" / "train", on_line=lambda s: None)
     msg = str(err.value)
@@ -214,7 +214,7 @@ def test_preflight_reports_every_problem_and_launches_nothing(run_config, tmp_pa
     assert f"num_processes={n + 1}" in msg
     assert "different training configuration" in msg
     assert msg.count("\n  - ") == 3
-    assert not (cfg.run_dir / ERROR_FILE).exists() and not (cfg.run_dir / "metrics.jsonl").exists()
+    assert not RunDir(cfg.run_dir).error_file(0).exists() and not (cfg.run_dir / "metrics.jsonl").exists()
 
 
 def test_config_level_refusals(run_config):
@@ -331,13 +331,13 @@ def test_run_supervised_cancellation_in_the_waiting_thread_kills_the_whole_group
 
 def test_run_training_bad_data_is_not_retryable(run_config, tmp_path):
     cfg = run_config()
-    write_resolved(cfg, cfg.run_dir)
+    RunDir.create(cfg)
     lines: list[str] = []
     with pytest.raises(TrainingFailed) as err:
         run_training(cfg, cfg.run_dir, tmp_path / "no-such-split", on_line=lines.append)
     assert err.value.retryable is False
     assert "DataError" in str(err.value) and "not a prepared split" in str(err.value)
-    info = json.loads((cfg.run_dir / ERROR_FILE).read_text())
+    info = json.loads(RunDir(cfg.run_dir).error_file(0).read_text())
     assert info == {"type": "DataError", "message": info["message"], "retryable": False, "rank": 0}
     assert any("Traceback" in ln for ln in lines)  # the child's output was streamed
 
@@ -363,7 +363,7 @@ def test_run_training_killed_child_is_retryable(run_config, tmp_path):
     from core.modeling import load_tokenizer
 
     cfg = run_config("train.max_steps=300")  # far longer than it takes to kill it
-    write_resolved(cfg, cfg.run_dir)
+    RunDir.create(cfg)
     data = prepare_dataset(cfg.data, load_tokenizer(cfg.model), cfg.run_dir / "data")
     killed: list[int] = []
 
@@ -378,7 +378,7 @@ def test_run_training_killed_child_is_retryable(run_config, tmp_path):
     assert len(killed) == 1
     assert err.value.retryable is True
     assert "exited with code -9" in str(err.value)
-    assert not (cfg.run_dir / ERROR_FILE).exists()
+    assert not RunDir(cfg.run_dir).error_file(0).exists()
     assert not (cfg.run_dir / "train_summary.json").exists()
 
 
@@ -390,11 +390,14 @@ def test_run_training_killed_child_is_retryable(run_config, tmp_path):
 def test_train_task_retry_predicate():
     from prefect.states import Failed
 
+    from core import checkpoint as ckpt
+    from core.adapter import AdapterError
     from core.data import DataError
-    from tasks.train import retryable
+    from core.errors import DeltatuneError
+    from tasks._retry import retry_if_retryable
 
     def decide(exc: BaseException) -> bool:
-        return retryable(None, None, Failed(data=exc))
+        return retry_if_retryable(None, None, Failed(data=exc))
 
     assert decide(PreflightError("cannot start training")) is False
     assert decide(ConfigError("bad key")) is False
@@ -407,6 +410,18 @@ def test_train_task_retry_predicate():
 
     assert decide(torch.OutOfMemoryError("CUDA out of memory")) is False  # same batch, same OOM
     assert decide(ModuleNotFoundError("No module named 'flash_attn'")) is False
+    # the verdict is the error's own; their old bases still catch them
+    assert decide(ckpt.CheckpointMismatchError("another config")) is False
+    assert decide(AdapterError("missing keys")) is False
+    assert decide(ckpt.UnreadableCheckpointError("marked UNREADABLE")) is True  # the retry passes it by
+    for cls, base in [
+        (PreflightError, ValueError),
+        (TrainingFailed, RuntimeError),
+        (ckpt.CheckpointMismatchError, ValueError),
+        (ckpt.UnreadableCheckpointError, ValueError),
+        (AdapterError, ValueError),
+    ]:
+        assert issubclass(cls, DeltatuneError) and issubclass(cls, base), cls
 
 
 def test_supervisor_survives_undecodable_output_and_a_failing_progress_display():
@@ -425,11 +440,9 @@ def test_torn_error_file_falls_back_to_the_log(run_config, tmp_path, monkeypatch
     import core.launch as launch
 
     cfg = run_config("name=torn")
-    write_resolved(cfg, cfg.run_dir)
+    RunDir.create(cfg)
     monkeypatch.setattr(launch, "preflight", lambda *a: None)
-    script = (
-        f"open({str(cfg.run_dir / ERROR_FILE)!r}, 'w').write('{{\"type\": \"Runt'); print('boom'); exit(3)"
-    )
+    script = f"open({str(RunDir(cfg.run_dir).error_file(0))!r}, 'w').write('{{\"type\": \"Runt'); print('boom'); exit(3)"
     monkeypatch.setattr(launch, "build_command", lambda *a: [sys.executable, "-c", script])
     with pytest.raises(TrainingFailed, match="code 3: boom") as e:
         run_training(cfg, cfg.run_dir, tmp_path, on_line=lambda s: None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from core import checkpoint as ckpt
-from core.config import write_resolved
 from core.launch import PreflightError, preflight
-from core.train import METRICS, SUMMARY, DistEnv, lr_factor, micro_batches, param_groups, train
+from core.run import METRICS, SUMMARY, RunDir, data_fingerprint, training_fingerprint
+from core.schedule import lr_factor
+from core.train import DistEnv, micro_batches, param_groups, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +45,7 @@ def _prepare(cfg) -> Path:
     from core.data import prepare_dataset
     from core.modeling import load_tokenizer
 
-    write_resolved(cfg, cfg.run_dir)
+    RunDir.create(cfg)
     return prepare_dataset(cfg.data, load_tokenizer(cfg.model), cfg.run_dir / "data").train_dir
 
 
@@ -98,7 +100,7 @@ def test_lora_learns_logs_every_step_and_saves_a_loadable_adapter(run_config, ti
     assert 0 < s["trainable_params"] < s["total_params"]
     assert s["trainable_share"] == pytest.approx(s["trainable_params"] / s["total_params"])
     assert s["world_size"] == 1 and s["zero_stage"] is None and s["precision"] == "fp32"
-    assert s["fingerprint"] == ckpt.training_fingerprint(cfg)
+    assert s["fingerprint"] == training_fingerprint(cfg)
     assert Path(s["output_dir"]) == result.output_dir == cfg.run_dir / "adapter"
 
     base = load_model(cfg.model)
@@ -260,7 +262,7 @@ def test_checkpoints_complete_only_pruned_after_newer_and_torn_dirs_cleaned(run_
     _junk_dir(root / ckpt.step_dir_name(100))
     (root / ckpt.step_dir_name(100) / ckpt.COMPLETE).write_text("{not json")
     assert ckpt.list_complete(root) == []
-    assert ckpt.latest_complete(root, ckpt.training_fingerprint(cfg)) is None
+    assert ckpt.latest_complete(root, training_fingerprint(cfg)) is None
 
     events: list[tuple] = []
     real_mark, real_prune = ckpt.mark_complete, ckpt.prune
@@ -293,7 +295,7 @@ def test_checkpoints_complete_only_pruned_after_newer_and_torn_dirs_cleaned(run_
     assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000009"]
     done = ckpt.list_complete(root)
     assert [c.step for c in done] == [6, 9]
-    fp = ckpt.training_fingerprint(cfg)
+    fp = training_fingerprint(cfg)
     assert all(c.meta["fingerprint"] == fp and c.meta["method"] == "lora" for c in done)
     assert ckpt.latest_complete(root, fp).step == 9
     # a torn dir newer than every complete one is not taken for the latest
@@ -320,7 +322,7 @@ def test_resume_with_another_config_is_refused(run_config):
     cadence = run_config(
         "train.max_steps=4", "train.save_every=3", "train.keep_last=5", "train.log_every=2", "train.lr=1e-3"
     )
-    assert ckpt.training_fingerprint(cadence) == ckpt.training_fingerprint(cfg)
+    assert training_fingerprint(cadence) == training_fingerprint(cfg)
     preflight(cadence, cadence.run_dir)
 
 
@@ -353,7 +355,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(run_config, tm
     common = ("train.max_steps=10", "train.save_every=3", "lora.dropout=0.1", "train.lr=3e-3")
     cfg_a = run_config("name=uninterrupted", *common)
     cfg_b = run_config("name=killed", *common)
-    assert ckpt.training_fingerprint(cfg_a) == ckpt.training_fingerprint(cfg_b)
+    assert training_fingerprint(cfg_a) == training_fingerprint(cfg_b)
     data_a, data_b = _prepare(cfg_a), _prepare(cfg_b)
 
     summary_a = train(cfg_a, cfg_a.run_dir, data_a).summary
@@ -443,7 +445,7 @@ def test_changed_data_under_the_same_path_retrains_and_refuses_old_checkpoints(r
 
     data.write_text("".join(json.dumps({**r, "output": r["output"].upper()}) + "\n" for r in rows))
     split = _prepare(cfg)
-    assert ckpt.data_fingerprint(split) != first["data_fingerprint"]
+    assert data_fingerprint(split) != first["data_fingerprint"]
     # Checkpoint step 2 is from the old data: resuming from it would continue on other rows.
     with pytest.raises(ckpt.CheckpointMismatchError, match="different data"):
         train(cfg, cfg.run_dir, split)
@@ -533,4 +535,134 @@ def test_a_finished_run_leaves_no_checkpoints_so_a_changed_config_trains_fresh(r
     changed = run_config("name=rerun", "train.max_steps=4", "train.save_every=2", "train.lr=5e-4")
     preflight(changed, changed.run_dir, train_dir)
     again = train(changed, changed.run_dir, train_dir).summary
-    assert again["resumed_from_step"] is None and again["fingerprint"] == ckpt.training_fingerprint(changed)
+    assert again["resumed_from_step"] is None and again["fingerprint"] == training_fingerprint(changed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Damaged checkpoints: a file truncated or changed after its COMPLETE marker
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_marker_lists_every_file_and_verify_names_what_is_wrong(tmp_path, monkeypatch):
+    path = tmp_path / ckpt.step_dir_name(4)
+    (path / "sub").mkdir(parents=True)
+    (path / "optim.pt").write_bytes(b"o" * 1000)
+    (path / "sub" / "shard.bin").write_bytes(b"s" * 300)
+    monkeypatch.setattr(ckpt, "HASH_MAX_BYTES", 500)  # shard.bin is hashed, optim.pt only sized
+    ckpt.mark_complete(path, {"step": 4})
+    (c,) = ckpt.list_complete(tmp_path)
+    assert c.meta["step"] == 4
+    files = c.meta["files"]
+    assert files.keys() == {"optim.pt", "sub/shard.bin"}  # the marker itself is not listed
+    assert files["optim.pt"] == {"size": 1000}
+    assert files["sub/shard.bin"]["size"] == 300 and len(files["sub/shard.bin"]["sha256"]) == 64
+    assert ckpt.verify(c) is None
+
+    (path / "sub" / "shard.bin").write_bytes(b"x" * 300)  # same size, other bytes: the hash tells
+    assert "sub/shard.bin has other content than was written" in ckpt.verify(c)
+    (path / "sub" / "shard.bin").write_bytes(b"s" * 300)
+    (path / "optim.pt").write_bytes(b"o" * 999)
+    assert ckpt.verify(c) == "optim.pt has 999 bytes, expected 1000"
+    (path / "optim.pt").unlink()
+    assert ckpt.verify(c) == "optim.pt is missing"
+    (path / "optim.pt").write_bytes(b"o" * 1000)
+    assert ckpt.verify(c) is None
+    ckpt.mark_unreadable(c, RuntimeError("PytorchStreamReader failed"))
+    assert "could not load it (RuntimeError: PytorchStreamReader failed)" in ckpt.verify(c)
+    # a marker from before markers listed files: nothing to compare, taken as intact
+    old = ckpt.Checkpoint(4, path, {"step": 4})
+    (path / ckpt.UNREADABLE).unlink()
+    assert ckpt.verify(old) is None
+
+
+def _run_until_unfinished(run_config, tmp_path, name, *common):
+    """A run whose checkpoints are kept, then made unfinished (summary and output removed), as a kill
+    after its last checkpoint leaves it."""
+    cfg = run_config(f"name={name}", *common, "train.keep_checkpoints=true")
+    data = _prepare(cfg)
+    train(cfg, cfg.run_dir, data)
+    (cfg.run_dir / SUMMARY).unlink()
+    shutil.rmtree(cfg.run_dir / "adapter")
+    return cfg, data
+
+
+def _truncate(path: Path) -> tuple[int, int]:
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.truncate(size // 2)
+    return size // 2, size
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "old-marker-unloadable"])
+def test_damaged_newest_checkpoint_resumes_from_the_one_before_exactly(run_config, tmp_path, caplog, damage):
+    """The newest complete checkpoint has a damaged file: the run resumes from the previous one and
+    reproduces the uninterrupted loss sequence; the damaged one goes once a new step 9 is complete."""
+    common = ("train.max_steps=10", "train.save_every=3", "lora.dropout=0.1", "train.lr=3e-3")
+    ref = run_config("name=reference", *common)
+    train(ref, ref.run_dir, _prepare(ref))
+    want = [(r["step"], r["loss"], r["grad_norm"]) for r in _metrics(ref.run_dir)]
+
+    cfg, data = _run_until_unfinished(run_config, tmp_path, "damaged", *common)
+    root = cfg.run_dir / "checkpoints"
+    assert [c.step for c in ckpt.list_complete(root)] == [6, 9]
+    newest = root / ckpt.step_dir_name(9)
+    if damage == "truncated":
+        got, expected = _truncate(newest / "optim.pt")
+        says = f"optim.pt has {got} bytes, expected {expected}"
+    elif damage == "overwritten":  # same size: only the sha256 in the marker tells
+        raw = bytearray((newest / "trainable.safetensors").read_bytes())
+        raw[-1] ^= 0xFF
+        (newest / "trainable.safetensors").write_bytes(raw)
+        says = "trainable.safetensors has other content than was written"
+    else:  # a marker that lists no files (an older layout) cannot tell: the failed load does
+        marker = newest / ckpt.COMPLETE
+        meta = json.loads(marker.read_text())
+        del meta["files"]
+        marker.write_text(json.dumps(meta))
+        _truncate(newest / "optim.pt")
+        says = "could not be loaded on rank 0"
+
+    with caplog.at_level("WARNING", logger="core"):
+        result = train(cfg, cfg.run_dir, data)
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert str(newest) in warning and says in warning and "step-000006" in warning, warning
+    assert result.summary["resumed_from_step"] == 6
+    got = [(r["step"], r["loss"], r["grad_norm"]) for r in _metrics(cfg.run_dir)]
+    assert got == want  # exact, from step 6 on as before it
+    # Step 9 was written again; the damaged copy, set aside meanwhile, is gone now that it is complete.
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000009"]
+    assert all(ckpt.verify(c) is None for c in ckpt.list_complete(root))
+
+
+def test_no_intact_checkpoint_left_starts_fresh_and_keeps_the_damaged_one_until_a_new_one_is_complete(
+    run_config, tmp_path, caplog, monkeypatch
+):
+    common = ("train.max_steps=8", "train.save_every=3", "train.keep_last=1")
+    ref = run_config("name=reference", *common)
+    train(ref, ref.run_dir, _prepare(ref))
+    want = [(r["step"], r["loss"]) for r in _metrics(ref.run_dir)]
+
+    cfg, data = _run_until_unfinished(run_config, tmp_path, "all-damaged", *common)
+    root = cfg.run_dir / "checkpoints"
+    assert [c.step for c in ckpt.list_complete(root)] == [6]
+    _truncate(root / ckpt.step_dir_name(6) / "trainable.safetensors")
+
+    seen: list[tuple[int, list[str]]] = []
+    real_mark = ckpt.mark_complete
+
+    def mark(path, meta):
+        seen.append((meta["step"], sorted(p.name for p in root.iterdir())))
+        real_mark(path, meta)
+
+    monkeypatch.setattr(ckpt, "mark_complete", mark)
+    with caplog.at_level("WARNING", logger="core"):
+        result = train(cfg, cfg.run_dir, data)
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "step-000006 is damaged" in warning and "starts again from step 0" in warning, warning
+    assert result.summary["resumed_from_step"] is None
+    assert [(r["step"], r["loss"]) for r in _metrics(cfg.run_dir)] == want
+    # The damaged step 6 stayed until step 3 was complete and was deleted then: prune, which keeps the
+    # newest complete one (keep_last=1), would otherwise have kept it and deleted step 3.
+    assert seen == [(3, ["step-000003", "step-000006"]), (6, ["step-000003", "step-000006"])]
+    assert [p.name for p in root.iterdir()] == ["step-000006"]
+    assert ckpt.verify(ckpt.list_complete(root)[0]) is None
