@@ -260,6 +260,17 @@ class PublishConfig(_Strict):
         return v
 
 
+class CacheConfig(_Strict):
+    """Stage results reused across flow runs: Prefect persists each stage's result under a key made of
+    the content that determines it (docs/caching.md), and a rerun skips every stage whose key it finds."""
+
+    enabled: bool = True
+    # Where the results are persisted: a local folder (default: <cache root>/results) or any fsspec URI
+    # (s3://bucket/prefix) that every worker of a cluster reaches.
+    storage: Location | None = None
+    storage_options: StorageOptions = Field(default_factory=dict)
+
+
 # Eval metrics a promotion gate can judge: exact_match (higher is better), loss and perplexity (lower).
 GateMetric = Literal["exact_match", "loss", "perplexity"]
 
@@ -372,6 +383,7 @@ class RunConfig(_Strict):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @field_validator("name")
     @classmethod

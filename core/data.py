@@ -25,6 +25,9 @@ import datasets
 import torch
 
 from core.config import DataConfig, cache_root
+from core.errors import DeltatuneError
+from core.fsutil import write_json
+from core.run import PREPARE_REPORT
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ FALLBACK_CHAT_GENERATION_PROMPT = "<|assistant|>\n"
 
 # Bump whenever the tokenised output for the same inputs changes: it is part of every cache key.
 DATA_FORMAT_VERSION = 1
-REPORT_NAME = "prepare_report.json"
+REPORT_NAME = PREPARE_REPORT
 IGNORE_INDEX = -100
 REJECT_WARN_FRACTION = 0.10
 
@@ -54,7 +57,7 @@ _FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "p
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class DataError(ValueError):
+class DataError(DeltatuneError, ValueError):
     """The training data cannot be prepared; the message says what was wrong and what to do."""
 
 
@@ -559,7 +562,7 @@ def _build(cfg: DataConfig, tokenizer: Any, train_src: _Source, eval_src: _Sourc
         _save(train, tmp / "train")
         if evals:
             _save(evals, tmp / "eval")
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        write_json(tmp / REPORT_NAME, report)
         try:
             os.replace(tmp, dest)
         except OSError:
@@ -572,6 +575,26 @@ def _build(cfg: DataConfig, tokenizer: Any, train_src: _Source, eval_src: _Sourc
 # ----------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------
+
+
+def _open_sources(cfg: DataConfig, tokenizer: Any) -> tuple[_Source, _Source | None, str]:
+    if cfg.add_eos and tokenizer.eos_token_id is None:
+        raise DataError(
+            "data.add_eos is true but the tokenizer has no eos_token; set one or data.add_eos=false"
+        )
+    train_src = _open_source(cfg.path, cfg.storage_options)
+    eval_src = _open_source(cfg.eval_path, cfg.storage_options) if cfg.eval_path else None
+    return train_src, eval_src, _fingerprint(cfg, tokenizer_identity(tokenizer), train_src, eval_src)
+
+
+def source_fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
+    """The fingerprint ``prepare_dataset`` gives these sources with this tokenizer and these options:
+    the sources are read and hashed, nothing is tokenised (the prepare stage's cache key).
+
+    Raises:
+        DataError: a source is missing or unreadable.
+    """
+    return _open_sources(cfg, tokenizer)[2]
 
 
 def prepare_dataset(
@@ -595,13 +618,7 @@ def prepare_dataset(
     Raises:
         DataError: a source is missing, unreadable or empty, or every row of it was rejected.
     """
-    if cfg.add_eos and tokenizer.eos_token_id is None:
-        raise DataError(
-            "data.add_eos is true but the tokenizer has no eos_token; set one or data.add_eos=false"
-        )
-    train_src = _open_source(cfg.path, cfg.storage_options)
-    eval_src = _open_source(cfg.eval_path, cfg.storage_options) if cfg.eval_path else None
-    fingerprint = _fingerprint(cfg, tokenizer_identity(tokenizer), train_src, eval_src)
+    train_src, eval_src, fingerprint = _open_sources(cfg, tokenizer)
     cached = data_cache_dir(cfg, cache_dir) / fingerprint
     hit = (cached / REPORT_NAME).is_file()
     if hit:
@@ -624,8 +641,7 @@ def prepare_dataset(
     )
     if report.get("eval_source"):
         report["eval_source"]["source"] = cfg.eval_path
-    report_path = out / REPORT_NAME
-    report_path.write_text(json.dumps(report, indent=2))
+    report_path = write_json(out / REPORT_NAME, report)
     logger.info(
         "prepared %s: %d train / %d eval rows, %d rejected",
         cfg.path,

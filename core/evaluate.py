@@ -5,7 +5,6 @@ Both models are scored in the same run on the same rows, so the delta is the fin
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,10 +19,16 @@ from core.config import EvalConfig, RunConfig
 from core.data import collate, load_split
 from core.lora import disable_adapters
 from core.modeling import load_model, load_tokenizer, pick_device
+from core.run import RunDir, digest
 
 log = logging.getLogger(__name__)
 
-EVAL_NAME = "eval.json"
+
+def eval_fingerprint(rows: list[dict], cfg: EvalConfig) -> str:
+    """What makes two evaluations comparable: the same rows scored with the same metric settings.
+    Promotion compares versions on a metric only when their eval fingerprints are equal."""
+    settings = cfg.model_dump(mode="json", include={"generation_rows", "max_new_tokens", "metric"})
+    return digest({"rows": [[r["input_ids"], r["labels"]] for r in rows], "settings": settings})
 
 
 @torch.no_grad()
@@ -125,7 +130,12 @@ def evaluate(
     tokenizer = load_tokenizer(cfg.model)
     device = pick_device()
     quant = cfg.quant if cfg.method == "qlora" else None
-    results: dict[str, Any] = {"method": cfg.method, "rows": len(rows), "metric": cfg.eval.metric}
+    results: dict[str, Any] = {
+        "method": cfg.method,
+        "rows": len(rows),
+        "metric": cfg.eval.metric,
+        "eval_fingerprint": eval_fingerprint(rows, cfg.eval),
+    }
     if cfg.method == "full":
         if cfg.eval.compare_base:
             base = load_model(cfg.model, device=device)
@@ -152,10 +162,7 @@ def evaluate(
             for k in ("loss", "perplexity", "exact_match")
             if results["tuned"][k] is not None
         }
-    out = Path(run_dir) / EVAL_NAME
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
+    RunDir.write_json(RunDir(run_dir).eval_report, results)
     b, t = results.get("base", {}), results["tuned"]
     log.info(
         "eval: loss %s -> %.4f, exact match %s -> %s (%d rows)",

@@ -6,7 +6,6 @@ transformers, against the adapter-on-base model on held-out rows.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,21 @@ import torch
 from core.adapter import load_adapter
 from core.config import RunConfig
 from core.data import collate, load_split
+from core.errors import DeltatuneError
 from core.evaluate import heldout_loss
 from core.fsutil import writing_dir
 from core.lora import merge_and_unload
 from core.modeling import DTYPES, load_model, load_tokenizer
+from core.run import RunDir
 
 log = logging.getLogger(__name__)
 
-MERGE_REPORT = "merge_report.json"
 GAP_ROWS = 16
 
 
-class MergeGapError(RuntimeError):
-    """The merged model does not reproduce the adapter-on-base model within tolerance."""
+class MergeGapError(DeltatuneError, RuntimeError):
+    """The merged model does not reproduce the adapter-on-base model within tolerance (a retry merges
+    the same weights the same way: not retryable)."""
 
 
 @torch.no_grad()
@@ -100,7 +101,7 @@ def merge(
     Raises:
         MergeGapError: max |logits(merged) - logits(adapter-on-base)| exceeds ``merge.max_logit_gap``.
     """
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=DTYPES[cfg.merge.dtype])
     load_adapter(model, adapter_dir)
@@ -111,7 +112,7 @@ def merge(
     ref_loss = heldout_loss(model, rows, tokenizer.pad_token_id, GAP_ROWS)["loss"] if rows else None
 
     merge_and_unload(model)
-    out = run_dir / "merged"
+    out = rd.merged
     report: dict[str, Any] = {
         "dtype": cfg.merge.dtype,
         "gap_rows": len(rows),
@@ -125,6 +126,6 @@ def merge(
         if batch is not None and cfg.method == "qlora":
             report["vs_4bit_trained"] = _vs_4bit(cfg, adapter_dir, tmp, batch, rows, tokenizer.pad_token_id)
     report["merged_dir"] = str(out)
-    (run_dir / MERGE_REPORT).write_text(json.dumps(report, indent=2))
+    rd.write_json(rd.merge_report, report)
     log.info("merged into %s: max logit gap %s", out, report.get("max_logit_gap"))
     return report

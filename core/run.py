@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,12 @@ class RunDir:
         )
         return summary if same and Path(summary.get("output_dir", "")).exists() else None
 
+    def forget_training(self) -> None:
+        """Make the next train stage start from step 0 (``deltatune run --refresh``): drop the summary
+        and every checkpoint. The previous output stays until the new training replaces it whole."""
+        self.summary.unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+
     def publish_state(self) -> dict[str, Any] | None:
         """The claim a failed publish left (store, model, version, token, content key), if any."""
         state = self.read_json(self.publish_state_path)
@@ -174,7 +181,12 @@ def digest(obj: Any, length: int = 16) -> str:
 
 
 def training_fingerprint(cfg: RunConfig) -> str:
-    """Hash of every setting that changes the training trajectory; resuming requires it to match.
+    """Hash of every setting that changes the training trajectory; resuming requires it to match."""
+    return digest(trajectory(cfg))
+
+
+def trajectory(cfg: RunConfig) -> dict[str, Any]:
+    """Every setting that changes the training trajectory, as plain data.
 
     Left out: what only affects scheduling or output (retries, timeouts, save/log cadence), and the
     later stages (eval, merge, publish).
@@ -196,7 +208,7 @@ def training_fingerprint(cfg: RunConfig) -> str:
     if cfg.train.deepspeed_config and Path(cfg.train.deepspeed_config).is_file():
         # The file's content decides the ZeRO layout of the checkpoint, not its name.
         t["deepspeed_config"] = hashlib.sha256(Path(cfg.train.deepspeed_config).read_bytes()).hexdigest()
-    relevant = {
+    return {
         "method": cfg.method,
         "model": cfg.model.model_dump(mode="json"),
         "data": cfg.data.model_dump(mode="json", exclude={"cache_dir", "storage_options"}),
@@ -204,7 +216,6 @@ def training_fingerprint(cfg: RunConfig) -> str:
         "quant": cfg.quant.model_dump(mode="json") if cfg.method == "qlora" else None,
         "train": t,
     }
-    return digest(relevant)
 
 
 def data_fingerprint(train_data: str | Path) -> str:

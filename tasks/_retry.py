@@ -1,16 +1,12 @@
-"""Retry predicates for Prefect tasks: retry only the failures a retry can fix."""
+"""The one retry condition of every task: retry only what the failure itself says a retry can fix."""
 
-from collections.abc import Callable
+from core.errors import is_retryable
 
 
-def retry_when(predicate: Callable[[BaseException], bool]):
-    """A ``retry_condition_fn`` that retries a failed run when ``predicate(exception)`` is true."""
-
-    def condition(task, task_run, state) -> bool:
-        try:
-            state.result()
-        except Exception as exc:
-            return predicate(exc)
-        return False
-
-    return condition
+def retry_if_retryable(task, task_run, state) -> bool:
+    """A ``retry_condition_fn``: retry when the exception is retryable (``core.errors.is_retryable``)."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_retryable(exc)
+    return False

@@ -2,17 +2,19 @@
 
 from prefect import get_run_logger, task
 
-from core.config import read_resolved
 from core.evaluate import evaluate as evaluate_run
+from core.run import RunDir
+from core.stages import snapshot
 
 
 @task(name="evaluate")
-def evaluate(run_dir: str, eval_data: str, trained: str) -> dict:
-    """Returns eval.json without the sample generations."""
-    results = evaluate_run(read_resolved(run_dir), run_dir, eval_data, trained)
+def evaluate(run_dir: str, eval_data: str, trained: str, key: str) -> dict:
+    """Returns eval.json without the sample generations, its path and its snapshot."""
+    rd = RunDir(run_dir)
+    results = evaluate_run(rd.config(), rd.path, eval_data, trained)
     summary = {k: v for k, v in results.items() if k not in ("base", "tuned")}
     for side in ("base", "tuned"):
         if side in results:
             summary[side] = {k: v for k, v in results[side].items() if k != "samples"}
     get_run_logger().info("eval: %s", summary)
-    return summary
+    return {**summary, "report_path": str(rd.eval_report), "files": snapshot([rd.eval_report])}

@@ -2,13 +2,15 @@
 
 from prefect import get_run_logger, task
 
-from core.config import read_resolved
 from core.merge import merge as merge_run
+from core.run import RunDir
+from core.stages import snapshot
 
 
 @task(name="merge")
-def merge(run_dir: str, adapter_dir: str, eval_data: str | None) -> dict:
-    """Returns merge_report.json (merged_dir, max/mean logit gap, loss gap)."""
-    report = merge_run(read_resolved(run_dir), run_dir, adapter_dir, eval_data)
+def merge(run_dir: str, adapter_dir: str, eval_data: str | None, key: str) -> dict:
+    """Returns merge_report.json (merged_dir, max/mean logit gap, loss gap), its path and snapshot."""
+    rd = RunDir(run_dir)
+    report = merge_run(rd.config(), rd.path, adapter_dir, eval_data)
     get_run_logger().info("merged: max logit gap %s", report.get("max_logit_gap"))
-    return report
+    return {**report, "report_path": str(rd.merge_report), "files": snapshot([rd.merged, rd.merge_report])}

@@ -2,26 +2,25 @@
 
 from prefect import get_run_logger, task
 
-from core.config import read_resolved
-from core.launch import is_retryable, run_training
-from tasks._retry import retry_when
-
-# Crashes and lost ranks are retried; bad config, bad data and divergence fail the same way again.
-retryable = retry_when(is_retryable)
+from core.launch import run_training
+from core.run import RunDir
+from core.stages import snapshot
+from tasks._retry import retry_if_retryable
 
 
-@task(name="train", retry_condition_fn=retryable)
-def train(run_dir: str, train_data: str, node_rank: int = 0) -> dict:
-    """Returns train_summary.json (output_dir, steps, loss, wall time, peak memory, trainable share).
-
-    ``node_rank`` is this node's, passed by its flow: every node writes the shared run_config.yaml,
-    so the rank read back from it may be another node's.
-    """
-    logger = get_run_logger()
-    cfg = read_resolved(run_dir)
+@task(name="train", retry_condition_fn=retry_if_retryable)
+def train(run_dir: str, train_data: str, key: str, node_rank: int = 0, refresh: bool = False) -> dict:
+    """Returns train_summary.json (output_dir, steps, loss, wall time, ...), its path and the snapshot
+    of its files. ``node_rank`` is this node's, passed by its flow: every node writes the shared
+    run_config.yaml, so the rank read back from it may be another node's. ``refresh`` trains afresh
+    even if this run directory holds a finished training of the same config."""
+    logger, rd = get_run_logger(), RunDir(run_dir)
+    cfg = rd.config()
     if cfg.train.num_nodes > 1:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"node_rank": node_rank})})
-    summary = run_training(cfg, run_dir, train_data, on_line=logger.info)
+    if refresh:
+        rd.forget_training()
+    summary = run_training(cfg, rd.path, train_data, on_line=logger.info)
     if "steps" in summary:
         logger.info(
             "trained %s: %d steps, final loss %.4f",
@@ -29,4 +28,5 @@ def train(run_dir: str, train_data: str, node_rank: int = 0) -> dict:
             summary["steps"],
             summary["final_loss"],
         )
-    return summary
+    out = summary.get("output_dir")
+    return {**summary, "summary_path": str(rd.summary), "files": snapshot([out, rd.summary] if out else [])}

@@ -99,6 +99,7 @@ def run_config(small_model_dir: Path, tmp_path: Path):
             f"data.cache_dir={tmp_path / 'cache'}",
             "data.max_seq_len=64",
             f"publish.store={tmp_path / 'artifacts'}",
+            f"cache.storage={tmp_path / 'results'}",  # each test reuses only its own stage results
             "train.batch_size=8",
             "train.lr=1e-3",
             "train.max_steps=6",

@@ -23,7 +23,11 @@ def demo_run(prefect_harness, tmp_path_factory):
     from flows.finetune import finetune
 
     tmp = tmp_path_factory.mktemp("demo")
-    overrides = [f"output_dir={tmp / 'runs'}", f"publish.store={tmp / 'artifacts'}"]
+    overrides = [
+        f"output_dir={tmp / 'runs'}",
+        f"publish.store={tmp / 'artifacts'}",
+        f"cache.storage={tmp / 'results'}",
+    ]
     result = finetune(config=str(REPO / "deploy/runs/demo.yaml"), overrides=overrides)
     return result, tmp
 
