@@ -1,7 +1,7 @@
 """Run configuration: one YAML file per run, validated by pydantic, with dotted overrides.
 
 cfg = load_config("deploy/runs/tiny-lora-cpu.yaml", overrides=["train.lr=1e-4"])
-write_resolved(cfg, run_dir)          # run_dir/run_config.yaml, read back by every later stage
+RunDir.create(cfg)                    # core/run.py: run_dir/run_config.yaml, read back by every stage
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from pydantic_core import PydanticCustomError
 from core.errors import DeltatuneError
 from core.names import is_safe_name
 from core.secretkeys import secret_key_paths
-
-RUN_CONFIG_NAME = "run_config.yaml"
 
 # The article's practice (shared/seeds): every attention projection plus the MLP, r = 8, alpha = 2r.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -555,19 +553,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def write_resolved(cfg: RunConfig, run_dir: str | Path) -> Path:
-    """Write the resolved config to ``run_dir/run_config.yaml`` atomically and return its path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / RUN_CONFIG_NAME
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(out)
-    return out
-
-
-def read_resolved(run_dir: str | Path) -> RunConfig:
-    """Read ``run_dir/run_config.yaml`` written by :func:`write_resolved`."""
-    return load_config(Path(run_dir) / RUN_CONFIG_NAME)

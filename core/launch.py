@@ -25,10 +25,7 @@ import torch
 
 from core import checkpoint as ckpt
 from core.config import RunConfig
-from core.errors import (
-    DeltatuneError,
-    is_retryable,  # noqa: F401  (re-exported until tasks/train.py imports core.errors)
-)
+from core.errors import DeltatuneError
 from core.fsutil import read_json
 from core.process import SUPERVISOR_PID_ENV, set_pdeathsig
 from core.run import PREPARE_REPORT, RunDir, data_fingerprint, training_fingerprint

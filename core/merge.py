@@ -15,11 +15,12 @@ import torch
 from core.adapter import load_adapter
 from core.config import RunConfig
 from core.data import collate, load_split
+from core.dtypes import DTYPES
 from core.errors import DeltatuneError
 from core.evaluate import heldout_loss
 from core.fsutil import writing_dir
 from core.lora import merge_and_unload
-from core.modeling import DTYPES, load_model, load_tokenizer
+from core.modeling import load_model, load_tokenizer
 from core.run import RunDir
 
 log = logging.getLogger(__name__)

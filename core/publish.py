@@ -108,7 +108,7 @@ def publish_run(
     p, name = cfg.publish, model_name(cfg)
     version, token = p.version, None
     state = rd.publish_state()
-    if state is not None and _same_publish(state, p, name, metadata["content_key"]):
+    if state is not None and _same_publish(state, p, name, metadata.get("content_key")):
         version, token = state["version"], state["token"]
         log.info("resuming the publish of %s/%s claimed by an earlier attempt", name, version)
     try:
@@ -129,7 +129,7 @@ def publish_run(
                     "model": name,
                     "version": e.version,
                     "token": e.token,
-                    "content_key": metadata["content_key"],
+                    "content_key": metadata.get("content_key"),
                 }
             )
         raise
@@ -137,7 +137,7 @@ def publish_run(
     return result.to_dict()
 
 
-def _same_publish(state: dict[str, Any], p: PublishConfig, name: str, content_key: str) -> bool:
+def _same_publish(state: dict[str, Any], p: PublishConfig, name: str, content_key: str | None) -> bool:
     same = (state.get("store"), state.get("model"), state.get("content_key")) == (p.store, name, content_key)
     return same and p.version in (None, state.get("version")) and bool(state.get("token"))
 

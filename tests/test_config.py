@@ -6,16 +6,14 @@ import pytest
 
 from core.config import (
     DEFAULT_TARGETS,
-    RUN_CONFIG_NAME,
     ConfigError,
     RunConfig,
     apply_overrides,
     config_from_dict,
     load_config,
     parse_override,
-    read_resolved,
-    write_resolved,
 )
+from core.run import RunDir
 from tests.conftest import REPO
 
 
@@ -333,10 +331,11 @@ def test_write_read_resolved_round_trip(tmp_path):
             "publish.storage_options={anon: false}",
         ]
     )
-    path = write_resolved(cfg, tmp_path / "runs" / "rt")
-    assert path == tmp_path / "runs" / "rt" / RUN_CONFIG_NAME
-    assert sorted(p.name for p in path.parent.iterdir()) == [RUN_CONFIG_NAME]  # no temp file left
-    back = read_resolved(path.parent)
+    rd = RunDir(tmp_path / "runs" / "rt")
+    path = rd.write_config(cfg)
+    assert path == tmp_path / "runs" / "rt" / "run_config.yaml"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["run_config.yaml"]  # no temp file left
+    back = rd.config()
     assert back == cfg
     assert back.train.adam_betas == (0.8, 0.95)
     assert back.lora.rank_pattern == {"q_proj": 2}
@@ -364,7 +363,7 @@ def test_non_mapping_yaml_message(tmp_path):
 
 def test_read_resolved_missing(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        read_resolved(tmp_path)
+        RunDir(tmp_path).config()
 
 
 def test_yaml_1_1_words_stay_strings(tmp_path):

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from core.config import write_resolved
 from core.data import load_split, prepare_dataset
 from core.evaluate import evaluate, greedy_generate
 from core.modeling import load_model, load_tokenizer
+from core.run import RunDir
 from core.train import train
 
 
 def _trained_run(run_config, *overrides: str):
     """Prepare and train 3 LoRA steps; return (cfg, eval split, adapter dir)."""
     cfg = run_config("train.max_steps=3", "eval.generation_rows=6", "eval.batch_size=4", *overrides)
-    write_resolved(cfg, cfg.run_dir)
+    RunDir.create(cfg)
     data = prepare_dataset(cfg.data, load_tokenizer(cfg.model), cfg.run_dir / "data")
     adapter = train(cfg, cfg.run_dir, data.train_dir).output_dir
     return cfg, data.eval_dir, adapter
@@ -29,7 +29,7 @@ def _trained_run(run_config, *overrides: str):
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(run_config):
     cfg = run_config()
     tok = load_tokenizer(cfg.model)
-    write_resolved(cfg, cfg.run_dir)
+    RunDir.create(cfg)
     data = prepare_dataset(cfg.data, tok, cfg.run_dir / "data")
     rows = list(load_split(data.eval_dir))[:6]
     # Cut each prompt shorter by 3 more tokens than the last: six lengths, so a batch needs padding.

@@ -75,14 +75,14 @@ def test_demo_merged_model_loads_with_plain_transformers_and_matches_adapter(dem
     from transformers import AutoModelForCausalLM
 
     from core.adapter import load_adapter
-    from core.config import read_resolved
     from core.data import collate, load_split
     from core.modeling import load_model
+    from core.run import RunDir
 
     result, _ = demo_run
     run_dir = Path(result["run_dir"])
     vdir = Path(result["publish"]["uri"])
-    cfg = read_resolved(run_dir)
+    cfg = RunDir(run_dir).config()
     rows = list(load_split(result["data"]["eval_dir"]))[:8]
     batch = collate(rows, pad_id=0)
     merged = AutoModelForCausalLM.from_pretrained(vdir / "merged", use_safetensors=True).eval()
@@ -241,11 +241,11 @@ def test_publish_task_retry_resumes_the_claimed_version(prefect_harness, run_con
     from prefect import flow
 
     from core import store
-    from core.config import write_resolved
-    from tasks.publish import STATE, publish
+    from core.run import RunDir
+    from tasks.publish import publish
 
     cfg = run_config("name=pub", "publish.model_name=pub")
-    write_resolved(cfg, cfg.run_dir)
+    RunDir.create(cfg)
     (cfg.run_dir / "eval.json").write_text("{}\n")
     (cfg.run_dir / "notes.txt").write_text("notes\n")
     real_upload, calls = store._upload_file, []
@@ -262,13 +262,13 @@ def test_publish_task_retry_resumes_the_claimed_version(prefect_harness, run_con
 
     @flow
     def just_publish() -> dict:
-        return publish(str(cfg.run_dir), sources, {"run": "pub"})
+        return publish(str(cfg.run_dir), sources, {"run": "pub", "content_key": "k1"}, key="k1")
 
     result = just_publish()
     assert result["version"] == "v0001" and result["skipped"] == ["eval.json"]  # resumed, not restarted
     assert len(calls) == 3
     assert store.list_versions(cfg.publish.store, "pub") == ["v0001"]
-    assert not (cfg.run_dir / STATE).exists()
+    assert not RunDir(cfg.run_dir).publish_state_path.exists()
 
 
 def test_unreachable_store_fails_the_run_before_any_training(prefect_harness, run_config, tmp_path):

@@ -5,6 +5,7 @@ harness, on the small tiny model, and reads which stages ran from Prefect's own 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -287,15 +288,22 @@ def test_a_killed_flow_run_and_a_new_run_reuse_every_completed_stage(prefect_har
         PYTHONPATH=os.pathsep.join([str(site), str(REPO)]),
         DELTATUNE_TEST_KILLED=str(marker),
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:  # a file, not a pipe: the killed flow's own API server may outlive it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", str(path)],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever the killed flow left behind
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert marker.exists() and not (cfg.run_dir / "train_summary.json").exists()
 
     result, states = run_flow(cfg, tmp_path)
