@@ -3,6 +3,11 @@
 deltatune run [CONFIG] [--set key=value ...]     # the finetune flow on Prefect's ephemeral API
 deltatune make-tiny-model OUT_DIR                # the offline tiny Llama + tokenizer
 deltatune show-config [CONFIG] [--set ...]       # the resolved config as YAML
+deltatune promote MODEL VERSION --alias NAME     # gate a version, move the alias (the promote flow)
+deltatune rollback MODEL --alias NAME            # the alias back to its previous target
+deltatune versions MODEL                         # versions, key metrics, aliases
+deltatune pull MODEL@ALIAS|MODEL@VERSION DEST    # download, every sha256 checked
+deltatune gc [--older-than 24h] [--dry-run]      # unfinished uploads and abandoned claims
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import tasks  # noqa: F401  (Prefect defaults before prefect is imported)
 from core.config import ConfigError, load_config, to_yaml
+from flows import registry
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "runs" / "demo.yaml"
 
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="pretraining steps (default 400, about 40 s on 2 cores)",
     )
+    registry.add_parsers(sub)
     args = parser.parse_args(argv)
     if bad := [o for o in getattr(args, "overrides", []) if "=" not in o]:
         parser.error(f"--set takes KEY=VALUE in one argument, e.g. --set train.lr=1e-4 (got {bad[0]!r})")
@@ -65,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {} if args.pretrain_steps is None else {"pretrain_steps": args.pretrain_steps}
         print(make_tiny_model(args.out_dir, **kwargs))
         return 0
+    if args.cmd in registry.VERBS:
+        return registry.run(args)
     config = args.config or str(DEMO_CONFIG)
     try:
         cfg = load_config(config, args.overrides)
