@@ -44,7 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="deltatune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    _config_arg(sub.add_parser("run", help="run the finetune flow"))
+    run = sub.add_parser(
+        "run",
+        help="run the finetune flow (stages whose result already exists for the same content are reused)",
+    )
+    _config_arg(run)
+    run.add_argument(
+        "--refresh",
+        action="store_true",
+        help="rerun every stage even where a result of the same content exists (publishes a new version)",
+    )
     _config_arg(sub.add_parser("show-config", help="print the resolved run config"))
     tiny = sub.add_parser(
         "make-tiny-model",
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.finetune import finetune
 
     try:
-        result = finetune(config=config, overrides=args.overrides)
+        result = finetune(config=config, overrides=args.overrides, refresh=args.refresh)
     except Exception as e:  # the flow's log above holds the traceback; end on the one line that matters
         print(f"deltatune: run failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 def _brief(result: dict) -> dict:
     out = {
         "run_dir": result["run_dir"],
+        "stages": result["stages"],  # which stages ran and which were reused ("cached")
         "train": {k: result["train"].get(k) for k in ("steps", "final_loss", "wall_time_s")},
     }
     if "eval" in result:

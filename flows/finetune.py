@@ -20,6 +20,7 @@ from core.publish import still_published, version_metadata, version_sources
 from core.run import RunDir
 from core.stages import stage_keys
 from core.store import check_store
+from flows.promote import promote_published
 from tasks._cache import Stages
 from tasks.evaluate import evaluate
 from tasks.merge import merge
@@ -77,5 +78,8 @@ def finetune(config: str | None = None, overrides: list[str] | None = None, refr
         out["publish"] = stage(publish, keys.publish, check=partial(still_published, cfg.publish))(
             run_dir, sources, metadata
         )
+    if cfg.publish.enabled and cfg.promote.alias:
+        # Gates decide; a refusal is reported and fails the run only with promote.fail_on_gate.
+        out["promote"] = promote_published(cfg, out["publish"])
     logger.info("stages: %s", ", ".join(f"{k} {v}" for k, v in stage.status.items()))
     return out

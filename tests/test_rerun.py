@@ -310,3 +310,29 @@ def test_a_killed_flow_run_and_a_new_run_reuse_every_completed_stage(prefect_har
     assert states == {"prepare": "Cached", **dict.fromkeys(STAGES[1:], "Completed")}, states
     assert result["train"]["resumed_from_step"] == 2
     assert versions(cfg) == ["v0001"]
+
+
+def test_finetune_promotes_at_its_end_through_its_gates_and_a_rerun_keeps_the_alias(
+    prefect_harness, run_config, tmp_path
+):
+    from core.store import AliasNotFoundError, alias_history, resolve_alias
+
+    base = ["name=promoted", "train.max_steps=12", "train.lr=5e-3", "promote.alias=staging"]
+    # Twelve steps teach the small model no exact answer: the default gate (exact match above base)
+    # refuses, the refusal is reported, and the run itself succeeds (promote.fail_on_gate is false).
+    refused, _ = run_flow(run_config(*base), tmp_path)
+    assert refused["promote"]["promoted"] is False and "min_improvement" in json.dumps(refused["promote"])
+    with pytest.raises(AliasNotFoundError):
+        resolve_alias(refused["publish"]["uri"].rsplit("/promoted/", 1)[0], "promoted", "staging")
+
+    # Gated on held-out loss instead: every stage is reused (promotion is not a stage) and it passes.
+    cfg = run_config(*base, "promote.gates.min_improvement.metric=loss")
+    first, states = run_flow(cfg, tmp_path)
+    assert {k: states[k] for k in STAGES} == dict.fromkeys(STAGES, "Cached"), states
+    assert first["promote"]["promoted"] is True, first["promote"]
+    assert resolve_alias(cfg.publish.store, "promoted", "staging")["version"] == "v0001"
+
+    # The same config again: nothing reruns, and the alias still names the one version there is.
+    run_flow(cfg, tmp_path)
+    assert resolve_alias(cfg.publish.store, "promoted", "staging")["version"] == "v0001"
+    assert {r["version"] for r in alias_history(cfg.publish.store, "promoted", "staging")} == {"v0001"}
