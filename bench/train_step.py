@@ -4,7 +4,7 @@
 
 Variants run interleaved in one process (round-robin, order rotated every round, warm-up steps discarded);
 a step ratio is the median over rounds of the per-round ratio of median step times. Not a test: it prints.
-MALLOC_MMAP_THRESHOLD_=65536 steadies RSS (FACTS.md) but mmaps every tensor over 64 KiB, and here made
+MALLOC_MMAP_THRESHOLD_=65536 steadies RSS (docs/environment.md) but mmaps every tensor over 64 KiB, and here made
 every step ~1.5x slower (page faults): use it for RSS, not for these timings; saved bytes never read RSS.
 """
 
@@ -35,7 +35,7 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = "all-linear"  # q k v o gate up down; never lm_head (ours and PEFT's rule alike)
 R, ALPHA = 8, 16.0
 
-# Sizes are multiples of 64: bitsandbytes' CPU NF4 kernel needs in_features % blocksize == 0 (FACTS.md).
+# Sizes are multiples of 64: bitsandbytes' CPU NF4 kernel needs in_features % blocksize == 0 (docs/environment.md).
 MODELS: dict[str, dict] = {
     "tiny": dict(
         hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, vocab_size=1024

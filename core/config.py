@@ -28,7 +28,7 @@ from core.errors import DeltatuneError
 from core.names import is_safe_name
 from core.secretkeys import secret_key_paths
 
-# The article's practice (shared/seeds): every attention projection plus the MLP, r = 8, alpha = 2r.
+# The practice of the LoRA-vs-full-fine-tuning article this project grew from (README): every attention projection plus the MLP, r = 8, alpha = 2r.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 PositiveInt = Annotated[int, Field(gt=0)]

@@ -31,7 +31,7 @@ RECIPE_FILE = "tiny_model.json"
 RECIPE_VERSION = 1
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "examples" / "demo" / "corpus.txt"
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-# bitsandbytes' CPU 4-bit eval kernel asserts out_features % 32 == 0 (shared/FACTS.md); that includes lm_head.
+# bitsandbytes' CPU 4-bit eval kernel asserts out_features % 32 == 0 (docs/environment.md); that includes lm_head.
 MULTIPLE = 32
 
 

@@ -258,7 +258,7 @@ def deepspeed_config(cfg: RunConfig, precision: str) -> dict[str, Any]:
     zero = ds.setdefault("zero_optimization", {"stage": cfg.zero_stage})
     if zero.get("stage") == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
-    # torch's AdamW: no C++ op to build, also with a CPU-offloaded optimizer (shared/FACTS.md).
+    # torch's AdamW: no C++ op to build, also with a CPU-offloaded optimizer (docs/environment.md).
     ds["zero_force_ds_cpu_optimizer"] = False
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_llama(seed: int = 0, **overrides):
     """A random tiny Llama, fp32, in eval mode; ``overrides`` go to LlamaConfig.
 
-    Every size is a multiple of 32, which bitsandbytes' CPU 4-bit kernels need (shared/FACTS.md).
+    Every size is a multiple of 32, which bitsandbytes' CPU 4-bit kernels need (docs/environment.md).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

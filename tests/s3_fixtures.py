@@ -48,7 +48,7 @@ def moto_s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> MotoS3:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", DUMMY_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    # S3-compatible stores may reject botocore's default CRC32 checksums (see FACTS.md).
+    # S3-compatible stores may reject botocore's default CRC32 checksums (docs/environment.md).
     monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")

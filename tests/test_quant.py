@@ -213,7 +213,7 @@ def test_qlora_trains_and_base_stays_frozen(base, batch):
 
 
 def test_bias_skip_and_odd_out_features_in_eval():
-    # out_features=40 is not a multiple of 32: bitsandbytes' own eval path would assert (FACTS.md);
+    # out_features=40 is not a multiple of 32: bitsandbytes' own eval path would assert (docs/environment.md);
     # QLinear4bit never takes that path.
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(64, 40), nn.SiLU(), nn.Linear(40, 64), nn.Linear(64, 64))
