@@ -10,7 +10,6 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -26,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from core.errors import DeltatuneError
 from core.names import is_safe_name
-from core.secretkeys import secret_key_paths
+from core.secretkeys import WHERE_INSTEAD, find_secrets, value_problem
 
 # The practice of the LoRA-vs-full-fine-tuning article this project grew from (README): every attention projection plus the MLP, r = 8, alpha = 2r.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,14 +37,17 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 def _no_secrets(options: dict[str, Any]) -> dict[str, Any]:
     # run_config.yaml is published with every version, printed by show-config and stored as Prefect
-    # flow-run parameters: a credential here would end up in all three.
-    found = list(secret_key_paths(options))
+    # flow-run parameters: a credential here would end up in all three. The rule: core/secretkeys.py.
+    found = find_secrets(options)
+    keys = [f.path for f in found if f.kind == "key"]
+    values = [str(f) for f in found if f.kind == "value"]
     if found:
+        parts = [f"has secret-looking key(s) {', '.join(keys)}"] if keys else []
+        parts += [f"has credentials in {', '.join(values)}"] if values else []
         raise ValueError(
-            f"has secret-looking key(s) {', '.join(found)}: run configs are published and logged, so "
-            "they must not hold credentials; pass them through the environment (AWS_ACCESS_KEY_ID/"
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or an instance role, and keep only non-secret options "
-            "here (client_kwargs.endpoint_url, config_kwargs, anon)"
+            f"{'; '.join(parts)}: run configs are published and logged, so they must not hold credentials; "
+            f"{WHERE_INSTEAD}; keep only non-secret options here (client_kwargs.endpoint_url, "
+            "config_kwargs, anon)"
         )
     return options
 
@@ -55,16 +57,13 @@ StorageOptions = Annotated[dict[str, Any], AfterValidator(_no_secrets)]
 
 
 def _no_credentials(uri: str | None) -> str | None:
-    if uri and "://" in uri:
-        parts = urlsplit(uri)
-        if parts.username is not None or parts.password is not None:
-            # A custom type: _format_errors never echoes the rejected value (it holds the secret).
-            raise PydanticCustomError(
-                "credentials_in_uri",
-                "holds credentials (a user or token before '@' in the URI): run configs are published and logged; "
-                "remove them from the URI and pass them through the environment or the provider's "
-                "credential file (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)",
-            )
+    if (why := value_problem(uri)) is not None:
+        # A custom type: _format_errors never echoes the rejected value (it holds the secret).
+        raise PydanticCustomError(
+            "credentials_in_uri",
+            f"holds credentials ({why}): run configs are published and logged; remove them from the URI "
+            f"and {WHERE_INSTEAD}",
+        )
     return uri
 
 
@@ -211,7 +210,18 @@ class TrainConfig(_Strict):
     deepspeed_config: str | None = None  # a JSON file; overrides zero_stage/offload
     offload_optimizer: bool = False
     offload_params: bool = False
+    # The whole launch, every step included; None: no limit. A timeout is not retried (train.retries
+    # resumes only failures a retry can fix): give the run more time, or start a new flow run, which
+    # resumes from the newest checkpoint (README, "Reruns, retries and resume").
     timeout_s: PositiveInt | None = None
+    # Start-up (launch to each rank's first step) fails after this long with no progress in one phase
+    # (building DeepSpeed's op, a rendezvous, loading the model, ...), naming the phase; not retried.
+    # None: wait forever. Raise it where one phase is slow (a huge model on a slow filesystem).
+    startup_timeout_s: PositiveInt | None = 900
+    # A Prefect global concurrency limit counting this node's GPUs: the train stage holds num_processes
+    # of its slots while it runs, so runs that share a node wait instead of oversubscribing it. None: off
+    # (the demo on the ephemeral API); `deltatune setup --gpus N` creates it (README, "Deploying").
+    gpu_slots_limit: str | None = None
     retries: NonNegInt = 2  # Prefect retries of the train stage; each retry resumes
     retry_delay_s: NonNegInt = 10
 
@@ -267,6 +277,21 @@ class CacheConfig(_Strict):
     # (s3://bucket/prefix) that every worker of a cluster reaches.
     storage: Location | None = None
     storage_options: StorageOptions = Field(default_factory=dict)
+
+
+# Experiment trackers a run can report to (``report_to``), and the package each one needs.
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+class TrackingConfig(_Strict):
+    """Options of the experiment trackers named in ``report_to`` (core/trackers.py)."""
+
+    tensorboard_dir: str | None = None  # default: <run_dir>/tensorboard
+    # default: $MLFLOW_TRACKING_URI, else a SQLite store in the run directory (sqlite:///<run_dir>/mlflow.db)
+    mlflow_tracking_uri: Location | None = None
+    experiment: str | None = None  # the MLflow experiment / W&B project; default: the model name
+    run_name: str | None = None  # the tracker's run name; default: the run name
 
 
 # Eval metrics a promotion gate can judge: exact_match (higher is better), loss and perplexity (lower).
@@ -382,6 +407,26 @@ class RunConfig(_Strict):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    # Experiment trackers (rank 0 only): per-step metrics, the config as params, eval results, the
+    # published URI. Each named tracker must be installed: a missing one is a config error, not a run
+    # that silently reports nowhere (README, "Experiment trackers").
+    report_to: list[Tracker] = Field(default_factory=list)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        v = list(dict.fromkeys(v))  # each tracker once, in the order given
+        missing = [t for t in v if importlib.util.find_spec(TRACKER_PACKAGES[t]) is None]
+        if missing:
+            raise ValueError(
+                f"names {', '.join(map(repr, missing))}, which is not installed: pip install "
+                f"{' '.join(TRACKER_PACKAGES[t] for t in missing)} (tensorboard and mlflow come with "
+                "pip install 'deltatune[trackers]'), or remove it from report_to"
+            )
+        return v
 
     @field_validator("name")
     @classmethod
@@ -476,6 +521,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown key; check the spelling against deploy/runs/*.yaml or the RunConfig docs"
         elif e["type"] == "credentials_in_uri":
             pass  # the value is the secret
+        elif find_secrets(e.get("input")):
+            pass  # never echo a value that holds a credential
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         elif "input" in e and not isinstance(e["input"], dict):
@@ -488,7 +535,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value``; the value is read as YAML (``1e-4``, ``true``, ``[q_proj, v_proj]``)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
-        raise ConfigError(f"bad override {item!r}: expected dotted.key=value, e.g. train.lr=1e-4")
+        shown = "(not shown: it holds a credential)" if value_problem(item) else repr(item)
+        raise ConfigError(f"bad override {shown}: expected dotted.key=value, e.g. train.lr=1e-4")
     return key.strip().split("."), _load_yaml(raw) if raw.strip() else ""
 
 
@@ -519,6 +567,17 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> RunConf
         raise ConfigError(
             f"invalid run config ({source}): expected a mapping at the top, got {type(data).__name__}"
         )
+    if found := find_secrets(data):
+        # Refused before validation, by path, without the value (core/secretkeys.py has the rule).
+        lines = [
+            f"invalid run config ({source}): {len(found)} credential(s), which a run config must not hold"
+        ]
+        lines += [f"  - {f}" for f in found]
+        lines.append(
+            f"  run_config.yaml is published with every version and flow parameters are stored by Prefect: "
+            f"{WHERE_INSTEAD}"
+        )
+        raise ConfigError("\n".join(lines))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

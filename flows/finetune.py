@@ -18,10 +18,14 @@ from core.config import load_config
 from core.launch import node_rank
 from core.publish import still_published, version_metadata, version_sources
 from core.run import RunDir
+from core.secretkeys import ConfigRef, Override
 from core.stages import stage_keys
 from core.store import check_store
+from core.trackers import log_results
+from flows.deployments import gpu_slots
 from flows.promote import promote_published
 from tasks._cache import Stages
+from tasks._report import report_run
 from tasks.evaluate import evaluate
 from tasks.merge import merge
 from tasks.prepare import prepare
@@ -30,8 +34,13 @@ from tasks.train import train
 
 
 @flow(name="finetune")
-def finetune(config: str | None = None, overrides: list[str] | None = None, refresh: bool = False) -> dict:
+def finetune(
+    config: ConfigRef | None = None, overrides: list[Override] | None = None, refresh: bool = False
+) -> dict:
     """Fine-tune per the run config (a YAML path; none = the bundled demo) with dotted overrides.
+
+    The parameters take no credentials (docs/secrets.md): ``Override`` and ``ConfigRef`` are plain
+    strings whose schema refuses them, so a deployment's server refuses such a flow run before storing it.
 
     ``refresh`` reruns every stage even where a result of the same content exists (a new version).
     Returns paths and small summaries of every stage, the published version's URI, and ``stages``:
@@ -48,12 +57,15 @@ def finetune(config: str | None = None, overrides: list[str] | None = None, refr
     if cfg.publish.enabled and node == 0:  # an unreachable store fails the run now, not after training
         check_store(cfg.publish.store, cfg.publish.storage_options)
     keys = stage_keys(cfg, node=node)
-    stage = Stages(cfg.cache, refresh=refresh)
+    stage = Stages(cfg.cache, refresh=refresh, run_name=cfg.name)  # task runs named train-<run>, ...
     run_dir = str(rd.path)
     data = stage(prepare, keys.prepare)(run_dir, node=node)
-    trained = stage(
-        train, keys.train, retries=cfg.train.retries, retry_delay_seconds=cfg.train.retry_delay_s
-    )(run_dir, data["train_dir"], node_rank=node, refresh=refresh)
+    # train.gpu_slots_limit: hold this node's GPUs (num_processes slots of a global limit) while training,
+    # so that two runs on one node (nightly and on demand) wait for each other (README, "Deploying").
+    with gpu_slots(cfg, logger):
+        trained = stage(
+            train, keys.train, retries=cfg.train.retries, retry_delay_seconds=cfg.train.retry_delay_s
+        )(run_dir, data["train_dir"], node_rank=node, refresh=refresh)
     out: dict = {
         "run_dir": run_dir,
         "keys": keys.to_dict(),
@@ -81,5 +93,7 @@ def finetune(config: str | None = None, overrides: list[str] | None = None, refr
     if cfg.publish.enabled and cfg.promote.alias:
         # Gates decide; a refusal is reported and fails the run only with promote.fail_on_gate.
         out["promote"] = promote_published(cfg, out["publish"])
+    log_results(cfg, rd.path, out)  # report_to: eval metrics and the version URI (never fails the run)
+    report_run(cfg, out, stage)  # Prefect artifacts: summary, sample generations, version link
     logger.info("stages: %s", ", ".join(f"{k} {v}" for k, v in stage.status.items()))
     return out
