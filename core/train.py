@@ -58,6 +58,8 @@ from core.lora import count_parameters, inject_lora
 from core.modeling import load_model, load_tokenizer, pick_device, resolve_source
 from core.run import RunDir, data_fingerprint, training_fingerprint
 from core.schedule import lr_factor, step_rows, total_steps
+from core.startup import TRAINING, mark
+from core.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +376,7 @@ class Session:
     t_start: float = 0.0
     tokens: int = 0
     last_loss: float = math.nan
+    trackers: Trackers | None = None  # rank 0's report_to trackers (core.trackers), while the loop runs
 
     @property
     def start(self) -> int:
@@ -393,8 +396,18 @@ def train(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> TrainR
     session = setup(cfg, run_dir, train_data)
     if isinstance(session, TrainResult):
         return session
-    loop(session)
-    return finish(session)
+    if session.env.is_main and cfg.report_to:  # before step 1: a tracker that cannot start stops the run
+        session.trackers = Trackers.for_training(cfg, session.run.path, start=session.start)
+    try:
+        loop(session)
+        result = finish(session)
+    except BaseException:
+        if session.trackers is not None:
+            session.trackers.close(failed=True)
+        raise
+    if session.trackers is not None:
+        session.trackers.close()
+    return result
 
 
 def setup(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> Session | TrainResult:
@@ -420,8 +433,16 @@ def setup(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> Sessio
         if "MASTER_ADDR" not in os.environ:  # one DeepSpeed process without a launcher
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        mark(rd, env.rank, "importing DeepSpeed")
         import deepspeed  # at call time: a single LoRA/QLoRA process never needs it (seconds to import)
 
+        from core.extensions import ensure_comm_op
+
+        # init_distributed JIT-builds this op on the CPU: build it first, under deltatune's lock, which
+        # clears a stale torch build lock that would block here forever (core/extensions.py).
+        ensure_comm_op(on_phase=lambda phase, detail: mark(rd, env.rank, phase, detail))
+        addr = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT')}"
+        mark(rd, env.rank, "rendezvous", f"joining the process group of {env.world_size} rank(s) at {addr}")
         # Before anything reads the world size (HfDeepSpeedConfig validates batch sizes against it).
         deepspeed.init_distributed()
     if env.world_size != cfg.world_size:
@@ -442,6 +463,7 @@ def setup(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> Sessio
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
 
+    mark(rd, env.rank, "loading the model", f"the data {train_data} and the model {cfg.model.name_or_path}")
     rows = load_split(train_data)
     # Tokens each row trains (labels after the causal shift): every rank derives a step's global
     # token count from the data order alone, without a collective.
@@ -455,6 +477,7 @@ def setup(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> Sessio
     model.train()
     backend: _Backend
     if use_ds:
+        mark(rd, env.rank, "initializing DeepSpeed", f"deepspeed.initialize with {env.world_size} rank(s)")
         backend = DeepSpeedBackend(model, cfg, total, ds_config, env)
     else:
         backend = PlainBackend(model, cfg, total, device, precision)
@@ -475,7 +498,9 @@ def setup(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> Sessio
         n_total=n_total,
         damaged=[c.path for c in damaged],
     )
+    mark(rd, env.rank, "resuming", f"loading checkpoint {resume.path}" if resume else "no checkpoint")
     _load_resume_point(s, resume)
+    mark(rd, env.rank, "first step", f"step {s.start + 1}: its collectives need every rank")
     if env.is_main:
         _truncate_metrics(rd.metrics, s.start)
         log.info(
@@ -569,6 +594,8 @@ def loop(s: Session) -> None:
             s.last_loss = float(stats[0])  # the step's token-mean loss over all ranks
             s.tokens += int(stats[1])
             done = step + 1
+            if done == s.start + 1:
+                mark(s.run, env.rank, TRAINING, f"step {done} done")  # start-up is over (core.startup)
             if env.is_main:
                 rec = {
                     "step": done,
@@ -582,6 +609,8 @@ def loop(s: Session) -> None:
                 }
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
+                if s.trackers is not None:
+                    s.trackers.log_step(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{s.last_loss:.4f}", lr=f"{rec['lr']:.2e}")
                 if done % cfg.train.log_every == 0 or done == s.total:

@@ -11,6 +11,7 @@ the stage runs again under the next key of the chain ``<key>``, ``<key>.1``, ``<
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,20 +93,30 @@ def cache_options(
 
 class Stages:
     """Calls stage tasks with their key and ``cache:``'s options, and records for each whether it ran
-    or its persisted result was reused (``status``: {"prepare": "cached", "train": "ran", ...})."""
+    or its persisted result was reused (``status``: {"prepare": "cached", "train": "ran", ...}) and
+    its wall time in this flow run (``seconds``: {"prepare": 0.4, ...}, also for a stage that failed).
 
-    def __init__(self, cfg: CacheConfig, *, refresh: bool = False):
-        self.cfg, self.refresh = cfg, refresh
+    With ``run_name``, each task run is named ``<stage>-<run name>`` (``train-demo``), so the Prefect
+    UI's task runs read as the stages of that run."""
+
+    def __init__(self, cfg: CacheConfig, *, refresh: bool = False, run_name: str | None = None):
+        self.cfg, self.refresh, self.run_name = cfg, refresh, run_name
         self.status: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
 
     def __call__(self, task, key: str, *, check: Callable[[Any], bool] = intact, **options):
+        named = {"task_run_name": f"{task.name}-{self.run_name}"} if self.run_name else {}
         configured = task.with_options(
-            **cache_options(self.cfg, task.name, check, refresh=self.refresh), **options
+            **{**cache_options(self.cfg, task.name, check, refresh=self.refresh), **named, **options}
         )
 
         def call(*args, **kwargs):
-            state = configured(*args, key=key, return_state=True, **kwargs)
-            result = state.result()  # raises the stage's own exception when it failed
+            t0 = time.perf_counter()
+            try:
+                state = configured(*args, key=key, return_state=True, **kwargs)
+                result = state.result()  # raises the stage's own exception when it failed
+            finally:
+                self.seconds[task.name] = round(time.perf_counter() - t0, 3)
             self.status[task.name] = "cached" if state.name == "Cached" else "ran"
             return result
 

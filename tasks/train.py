@@ -1,10 +1,13 @@
 """train: launch core.train under the configured launcher; a retry resumes from the newest checkpoint."""
 
+from contextlib import nullcontext
+
 from prefect import get_run_logger, task
 
 from core.launch import run_training
 from core.run import RunDir
 from core.stages import snapshot
+from tasks._report import TrainProgress
 from tasks._retry import retry_if_retryable
 
 
@@ -20,7 +23,9 @@ def train(run_dir: str, train_data: str, key: str, node_rank: int = 0, refresh: 
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"node_rank": node_rank})})
     if refresh:
         rd.forget_training()
-    summary = run_training(cfg, rd.path, train_data, on_line=logger.info)
+    # The progress artifact, fed by metrics.jsonl (which rank 0, on node 0, writes).
+    with TrainProgress.start(cfg, rd.path, train_data) if node_rank == 0 else nullcontext():
+        summary = run_training(cfg, rd.path, train_data, on_line=logger.info)
     if "steps" in summary:
         logger.info(
             "trained %s: %d steps, final loss %.4f",
