@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -18,8 +18,38 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def create_temp_file(directory: str | os.PathLike[str], prefix: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` with the mode of any other new file: ``0o666`` less the process umask
+    (mkstemp makes 0600, so on a shared store other users could list a file but not read it).
+
+    The kernel applies the umask (and a directory's default ACL) at ``open``, so nothing reads or
+    changes the process-wide umask, which other threads may be using. ``O_EXCL`` makes the name ours.
+
+    Returns:
+        An open file descriptor (write only) and the file's path.
+    """
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}")
+        try:
+            return os.open(path, _CREATE, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique temp file {prefix}* in {directory}")
+
+
+def make_temp_dir(directory: str | os.PathLike[str], prefix: str) -> Path:
+    """``tempfile.mkdtemp`` with the mode of any other new directory: ``0o777`` less the umask (not 0700)."""
+    for _ in range(100):
+        path = Path(directory) / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir(0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique temp directory {prefix}* in {directory}")
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
@@ -31,13 +61,12 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
+    fd, tmp = create_temp_file(path.parent, f".{path.name}.tmp-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should look like any other file
         os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):
@@ -148,10 +177,7 @@ def writing_dir(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _recover(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
+    tmp = make_temp_dir(dest.parent, f".{dest.name}.tmp-{os.getpid()}-")
     old = None
     try:
         yield tmp

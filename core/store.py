@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,15 +23,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from core.errors import DeltatuneError
-from core.fsutil import fsync_path, fsync_tree
+from core.fsutil import create_temp_file, fsync_path, fsync_tree, make_temp_dir
 from core.names import check_name, is_safe_name
-from core.secretkeys import SECRET_KEY, redact
+from core.secretkeys import WHERE_INSTEAD, find_secrets, redact, safe_uri
 
 logger = logging.getLogger(__name__)
 
@@ -152,28 +150,26 @@ def _check_relpath(relpath: str) -> str:
 
 
 def _safe_uri(uri: str) -> str:
-    """Drop ``user:password@`` from a URI so it can be logged or raised."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=host))
+    """The URI without ``user:password@`` or signed query values, so it can be logged or raised."""
+    return safe_uri(uri)
 
 
 def _check_metadata(metadata: Any, where: str = "metadata") -> None:
-    if isinstance(metadata, Mapping):
-        for k, v in metadata.items():
-            if SECRET_KEY.search(str(k)):
-                raise ValueError(
-                    f"{where}[{k!r}] looks like a secret; manifests are readable by anyone with store "
-                    f"access, so remove it (pass credentials through storage_options instead)"
-                )
-            _check_metadata(v, f"{where}[{k!r}]")
-    elif isinstance(metadata, (list, tuple)):
-        for i, v in enumerate(metadata):
-            _check_metadata(v, f"{where}[{i}]")
+    """Refuse manifest metadata holding a credential (core/secretkeys.py's rule), naming where it is."""
+    if found := find_secrets(metadata):
+        places = "; ".join(f"{where}{_brackets(f.path)}: {f.reason}" for f in found)
+        raise ValueError(
+            f"{places}: a manifest is readable by anyone with store access, so it must hold no credentials; "
+            f"remove them ({WHERE_INSTEAD}; storage_options for the store's own)"
+        )
+
+
+def _brackets(path: str) -> str:
+    """``auth.token`` / ``a[0].b`` as ``['auth']['token']`` / ``['a'][0]['b']``."""
+    out = []
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        out.append(part if part.startswith("[") else f"[{part!r}]")
+    return "".join(out)
 
 
 # ----------------------------------------------------------------------------- filesystem helpers
@@ -271,7 +267,9 @@ def _put_bytes(store: _Store, path: str, data: bytes, *, create_only: bool) -> N
     if store.is_local:
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+        # With the process umask like any other file (mkstemp makes 0600: other users of a shared
+        # store could list manifests, claims and aliases but not read them, so not verify).
+        fd, tmp = create_temp_file(parent, ".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -916,7 +914,7 @@ def _download(
             f"{expect_manifest[:12]}…); nothing was downloaded; verify the version and promote again"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, f".{dest.name}.tmp-")
     vdir = store.version_dir(model, version)
     try:
         for entry in manifest["files"]:
@@ -931,9 +929,6 @@ def _download(
                 ) from None
             _check_entry(model, version, entry, *hash_file(local), "downloaded")
         (tmp / MANIFEST_NAME).write_bytes(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
         fsync_tree(tmp)
         os.replace(tmp, dest)  # POSIX rename also replaces an empty directory
     except BaseException:

@@ -129,3 +129,30 @@ def test_fsync_tree_flushes_nested_files_and_dirs(tmp_path, monkeypatch):
     files = [str(root / "meta.json"), str(root / "shards" / "f.txt")]
     assert sorted(synced[:2]) == files  # files first, then directories deepest first
     assert synced[2:] == [str(root / "shards"), str(root)]
+
+
+@pytest.mark.parametrize("umask, file_mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_written_files_and_dirs_take_the_umask_of_the_moment(tmp_path, umask, file_mode):
+    """Not mkstemp's 0600 / mkdtemp's 0700, nor the umask the process had when fsutil was imported."""
+    import stat
+
+    from core.fsutil import atomic_write, create_temp_file, make_temp_dir, write_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "a.txt", "x")
+        atomic_write(tmp_path / "a.txt", "replaced")  # a replacement too
+        write_json(tmp_path / "b.json", {"k": 1})
+        with writing_dir(tmp_path / "out") as d:
+            (d / "f.txt").write_text("y")
+        fd, tmp = create_temp_file(tmp_path, ".t-")
+        os.close(fd)
+        made = make_temp_dir(tmp_path, ".d-")
+    finally:
+        os.umask(old)
+    for f in ("a.txt", "b.json", "out/f.txt", os.path.basename(tmp)):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == file_mode, f
+    for d in (tmp_path / "out", made):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~umask, d
+    assert (tmp_path / "a.txt").read_text() == "replaced"
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []

@@ -461,7 +461,7 @@ def test_secrets_never_logged_or_stored(
         data = fs.cat_file(path)
         assert DUMMY_SECRET.encode() not in data and DUMMY_KEY.encode() not in data, path
 
-    with pytest.raises(ValueError, match=r"metadata\['auth'\]\['token'\] looks like a secret"):
+    with pytest.raises(ValueError, match=r"metadata\['auth'\]\['token'\]: a secret-looking key"):
         store.publish(uri, "tiny", sources, metadata={"auth": {"token": "x"}}, storage_options=opts)
     assert store.redact(
         {"secret": "s", "client_kwargs": {"aws_secret_access_key": "s", "region_name": "r"}}
@@ -769,7 +769,14 @@ def test_gc_removes_old_claims_and_uploads_but_never_a_published_version(
     with pytest.raises(store.PublishError):
         store.publish(st.uri, "tiny", sources, storage_options=opts)  # v0002: a claim and some files
     old_published = st.fs.find(st.path("tiny", "versions", "v0001"))
-    time.sleep(3)  # S3 keeps object times to the second: give the two claims distinct ages
+    time.sleep(4)  # S3 keeps object times to the second: give the two claims distinct ages
+    t3 = time.time()
+
+    def older_than() -> float:
+        # v0003 is younger than now - t3 (+1 s of S3's rounding), v0002 older than now - t3 + 4: a cut
+        # between them however slow the steps below are on a loaded machine.
+        return time.time() - t3 + 2.0
+
     with pytest.raises(store.PublishError):
         store.publish(st.uri, "tiny", sources, storage_options=opts)  # v0003: a fresh claim
     monkeypatch.setattr(store, "_upload_file", real_upload)
@@ -784,12 +791,12 @@ def test_gc_removes_old_claims_and_uploads_but_never_a_published_version(
             fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
             leftover_keys.append(key)
 
-    dry = store.gc(st.uri, older_than_s=1.5, storage_options=opts, dry_run=True)
+    dry = store.gc(st.uri, older_than_s=older_than(), storage_options=opts, dry_run=True)
     assert [(c["model"], c["version"]) for c in dry["claims"]] == [("tiny", "v0002")]
     assert [u["key"] for u in dry["multipart_uploads"]] == leftover_keys[:1]
     assert st.fs.exists(st.path("tiny", "versions", "v0002", ".claim"))
 
-    done = store.gc(st.uri, older_than_s=1.5, storage_options=opts)
+    done = store.gc(st.uri, older_than_s=older_than(), storage_options=opts)
     assert done["claims"] == dry["claims"] and done["multipart_uploads"] == dry["multipart_uploads"]
     assert not st.fs.exists(st.path("tiny", "versions", "v0002"))
     assert st.fs.exists(st.path("tiny", "versions", "v0003", ".claim"))
@@ -805,3 +812,63 @@ def test_gc_removes_old_claims_and_uploads_but_never_a_published_version(
         "v0003"
     ]
     assert store.list_versions(st.uri, "tiny", storage_options=opts) == ["v0001"]
+
+
+# --- file modes of a local store -------------------------------------------------------------------
+
+
+@pytest.fixture
+def shared_dir(tmp_path: Path):
+    """A directory under /tmp that every user may enter (pytest's own tmp dirs are 0700)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="deltatune-shared-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("umask, file_mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_local_store_files_take_the_process_umask_so_other_users_can_verify(
+    shared_dir: Path, sources: dict[str, Path], umask: int, file_mode: int
+) -> None:
+    import os
+    import stat
+    import subprocess
+
+    uri = str(shared_dir / "store")
+    old = os.umask(umask)
+    try:
+        store.publish(uri, "tiny", sources)
+        store.promote(uri, "tiny", "v0001", "production")
+    finally:
+        os.umask(old)
+    vdir = shared_dir / "store" / "tiny" / "versions" / "v0001"
+    written = [
+        vdir / "manifest.json",
+        vdir / ".claim",
+        shared_dir / "store/tiny/aliases/production/000001.json",
+    ]
+    for path in written:  # what the store writes itself (create-only, via a temp file)
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
+    for path in (shared_dir / "store").rglob("*"):  # and everything else, like any other file
+        want = (0o777 & ~umask) if path.is_dir() else file_mode
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
+    assert not [p for p in (shared_dir / "store").rglob(".tmp-*")]  # no temp file left behind
+
+    if os.geteuid() == 0:  # root may become another user: "nobody" re-hashes the version's files
+        manifest = json.loads((vdir / "manifest.json").read_text())
+        paths = [e["path"] for e in manifest["files"]]
+        out = subprocess.run(
+            ["sha256sum", "manifest.json", "../../aliases/production/000001.json", *paths],
+            user=65534,  # nobody (the kernel checks its access, not ours)
+            cwd=vdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        sums = {line.split()[1]: line.split()[0] for line in out.stdout.splitlines()}
+        assert {e["path"]: e["sha256"] for e in manifest["files"]} == {p: sums[p] for p in paths}
+        assert sums["manifest.json"] == store.manifest_sha256(uri, "tiny", "v0001")
