@@ -1,13 +1,8 @@
-"""The ``deltatune`` command line.
+"""The ``deltatune`` command: run the finetune flow, inspect configs, manage published versions.
 
-deltatune run [CONFIG] [--set key=value ...]     # the finetune flow on Prefect's ephemeral API
-deltatune make-tiny-model OUT_DIR                # the offline tiny Llama + tokenizer
-deltatune show-config [CONFIG] [--set ...]       # the resolved config as YAML
-deltatune promote MODEL VERSION --alias NAME     # gate a version, move the alias (the promote flow)
-deltatune rollback MODEL --alias NAME            # the alias back to its previous target
-deltatune versions MODEL                         # versions, key metrics, aliases
-deltatune pull MODEL@ALIAS|MODEL@VERSION DEST    # download, every sha256 checked
-deltatune gc [--older-than 24h] [--dry-run]      # unfinished uploads and abandoned claims
+Every subcommand's ``--help`` has a description and examples (flows/_help.py). Commands that run a flow
+(``run``, ``promote``) use one Prefect API per process (flows/server.py): ``$PREFECT_API_URL`` if set,
+else a temporary local server that starts while the flow's code is imported and dies with the process.
 """
 
 from __future__ import annotations
@@ -20,7 +15,9 @@ from pathlib import Path
 
 import tasks  # noqa: F401  (Prefect defaults before prefect is imported)
 from core.config import ConfigError, load_config, to_yaml
-from flows import registry
+from flows import deployments, registry
+from flows._help import command
+from flows.server import PrefectAPI
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "runs" / "demo.yaml"
 
@@ -39,14 +36,51 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+DESCRIPTION = """\
+Fine-tune language models with one Prefect flow: prepare, train (LoRA, QLoRA, or full fine-tuning
+under DeepSpeed ZeRO), evaluate, merge, publish. Stages already done for the same content are reused.
+
+With no config, `deltatune run` runs the bundled demo (a tiny offline model, a few minutes on a CPU).
+Flows report to the Prefect server that PREFECT_API_URL names, else to a temporary local one.
+"""
+
+EXAMPLES = """\
+examples:
+  deltatune run                                        the bundled demo
+  deltatune run deploy/runs/llama3-8b-lora-gpu.yaml --set lora.r=16 --set train.lr=1e-4
+  deltatune show-config deploy/runs/demo.yaml          the resolved config, defaults filled in
+  deltatune versions tiny-llama-word-kinds             published versions and aliases
+  deltatune promote tiny-llama-word-kinds v0001 --alias production
+  deltatune COMMAND --help                             one command's options and examples
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="deltatune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="deltatune",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    run = sub.add_parser(
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    run = command(
+        sub,
         "run",
-        help="run the finetune flow (stages whose result already exists for the same content are reused)",
+        "run the finetune flow: prepare, train, evaluate, merge, publish",
+        "Run the finetune flow on a run config (default: the bundled demo, deploy/runs/demo.yaml). "
+        "Each stage is keyed by the content that determines it: a stage whose result already exists "
+        "for the same content is reused, so running the same config again publishes nothing new and "
+        "prints the version already published. Output: which stages ran and which were reused, the "
+        "training and evaluation figures, and the published version's URI.\n\n"
+        "Flows report to the Prefect server that PREFECT_API_URL names (`prefect server start`, or "
+        "Prefect Cloud); without one, to a temporary local server that lives as long as this command.",
+        [
+            "deltatune run",
+            "deltatune run deploy/runs/demo.yaml --set train.max_steps=50",
+            "deltatune run my-run.yaml --set data.path=s3://bucket/train.jsonl --set lora.r=16",
+            "deltatune run my-run.yaml --refresh",
+            "PREFECT_API_URL=http://127.0.0.1:4200/api deltatune run my-run.yaml",
+        ],
     )
     _config_arg(run)
     run.add_argument(
@@ -54,12 +88,27 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rerun every stage even where a result of the same content exists (publishes a new version)",
     )
-    _config_arg(sub.add_parser("show-config", help="print the resolved run config"))
-    tiny = sub.add_parser(
+    show = command(
+        sub,
+        "show-config",
+        "print the resolved run config as YAML",
+        "Load a run config (default: the bundled demo), apply --set overrides, validate it and print "
+        "the result with every default filled in: what `deltatune run` would run. Bad keys and "
+        "values are errors that name the field (exit status 2).",
+        [
+            "deltatune show-config",
+            "deltatune show-config deploy/runs/llama3-8b-qlora-gpu.yaml --set lora.r=32",
+        ],
+    )
+    _config_arg(show)
+    tiny = command(
+        sub,
         "make-tiny-model",
-        help="build the offline tiny Llama model and tokenizer",
-        description="Build the small Llama (hidden 128, 4 layers) and BPE tokenizer from bundled text, "
-        "pretrain it briefly and save it with save_pretrained; the demo's builtin:tiny-llama is this model.",
+        "build the offline tiny Llama model and tokenizer",
+        "Build the small Llama (hidden 128, 4 layers) and BPE tokenizer from bundled text, pretrain it "
+        "briefly and save it with save_pretrained; the demo's builtin:tiny-llama is this model. "
+        "Useful to try deltatune, or to test a pipeline, without downloading a model.",
+        ["deltatune make-tiny-model ./tiny", "deltatune make-tiny-model ./tiny --pretrain-steps 50"],
     )
     tiny.add_argument("out_dir", help="directory to write (reused if it already holds the same build)")
     tiny.add_argument(
@@ -69,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         help="pretraining steps (default 400, about 40 s on 2 cores)",
     )
     registry.add_parsers(sub)
+    deployments.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if bad := [o for o in getattr(args, "overrides", []) if "=" not in o]:
         parser.error(f"--set takes KEY=VALUE in one argument, e.g. --set train.lr=1e-4 (got {bad[0]!r})")
@@ -83,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd in registry.VERBS:
         return registry.run(args)
+    if args.cmd in deployments.VERBS:
+        return deployments.run(args)
     config = args.config or str(DEMO_CONFIG)
     try:
         cfg = load_config(config, args.overrides)
@@ -92,13 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "show-config":
         print(to_yaml(cfg), end="")
         return 0
-    from flows.finetune import finetune
-
+    api = PrefectAPI.start()  # boots while the flow's code (torch, transformers, ...) is imported
     try:
-        result = finetune(config=config, overrides=args.overrides, refresh=args.refresh)
+        from flows.finetune import finetune
+
+        with api.session():
+            result = finetune(config=config, overrides=args.overrides, refresh=args.refresh)
     except Exception as e:  # the flow's log above holds the traceback; end on the one line that matters
         print(f"deltatune: run failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        api.stop()
     print(json.dumps(_brief(result), indent=2))
     return 0
 
