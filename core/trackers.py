@@ -248,7 +248,9 @@ class Trackers:
     def for_training(cls, cfg: RunConfig, run_dir: str | os.PathLike[str], *, start: int) -> Trackers:
         """Trackers for a training that starts at step ``start`` (0, or the resumed checkpoint's step),
         with the resolved config logged as params."""
-        trackers = cls.open(cfg, run_dir, purge_step=start)
+        # TensorBoard hides every event at or after purge_step from the earlier files: the first step
+        # this attempt logs is start + 1 (metrics.jsonl's steps count from 1).
+        trackers = cls.open(cfg, run_dir, purge_step=start + 1)
         trackers._each("log_params", config_params(cfg), to_yaml(cfg))
         return trackers
 
