@@ -34,7 +34,7 @@ from core.config import RunConfig, to_yaml
 from core.errors import DeltatuneError, is_retryable
 from core.fsutil import write_json
 from core.run import RunDir, training_fingerprint
-from core.secretkeys import redact
+from core.secretkeys import redact, safe_uri
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def result_metrics(out: Mapping[str, Any]) -> dict[str, float]:
 def result_tags(out: Mapping[str, Any]) -> dict[str, str]:
     pub = out.get("publish") or {}
     tags = {
-        "deltatune.published_uri": pub.get("uri"),
+        "deltatune.published_uri": safe_uri(pub["uri"]) if pub.get("uri") else None,
         "deltatune.model": pub.get("model"),
         "deltatune.version": pub.get("version"),
         "deltatune.manifest_sha256": pub.get("manifest_sha256"),

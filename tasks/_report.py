@@ -235,38 +235,43 @@ def _attempt(what: str, fn, *args, **kwargs) -> Any:
 def report_run(cfg: RunConfig, out: Mapping[str, Any], stages: Any) -> dict[str, Any]:
     """Create the run's artifacts (summary, sample table, version link) from the flow result ``out``
     and the Stages runner ``stages`` (its ``status`` and ``seconds``). Returns the ids created by key;
-    a key whose artifact failed is missing."""
+    a key whose artifact could not be built or sent is missing (and logged)."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    keys, made = artifact_keys(cfg), {}
-    md = _attempt("summary", summary_markdown, cfg, out, stages.status, stages.seconds)
-    if md is not None:
-        made["summary"] = _attempt(
-            "summary",
-            create_markdown_artifact,
-            md,
+    keys = artifact_keys(cfg)
+
+    def summary():
+        return create_markdown_artifact(
+            summary_markdown(cfg, out, stages.status, stages.seconds),
             key=keys["summary"],
             description=f"{cfg.name}: stages, metrics, sizes, version and promotion",
         )
-    rows = _attempt("samples", sample_rows, (out.get("eval") or {}).get("report_path"))
-    if rows:
-        made["samples"] = _attempt(
-            "samples",
-            create_table_artifact,
+
+    def samples():
+        rows = sample_rows((out.get("eval") or {}).get("report_path"))
+        if not rows:
+            return None
+        return create_table_artifact(
             rows,
             key=keys["samples"],
             description=f"{cfg.name}: sample generations on held-out prompts, base vs tuned",
         )
-    pub = out.get("publish")
-    if pub:
-        made["version"] = _attempt(
-            "version",
-            create_link_artifact,
+
+    def version():
+        pub = out.get("publish")
+        if not pub:
+            return None
+        return create_link_artifact(
             version_link(pub["uri"]),
             link_text=f"{pub['model']} {pub['version']}",
             key=keys["version"],
             description=f"manifest sha256 {pub['manifest_sha256']}",
         )
+
+    made = {
+        name: _attempt(name, fn)
+        for name, fn in (("summary", summary), ("samples", samples), ("version", version))
+    }
     return {k: v for k, v in made.items() if v is not None}
 
 
