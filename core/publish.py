@@ -14,9 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from core import store
 from core.config import PublishConfig, RunConfig
+from core.errors import DeltatuneError
 from core.run import CONFIG, EVAL, MERGE_REPORT, PREPARE_REPORT, SUMMARY, RunDir, code_version, config_hash
+from core.secretkeys import WHERE_INSTEAD, Finding, find_secrets, text_findings
 from core.stages import StageKeys
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,39 @@ def version_metadata(
     return meta
 
 
+class CredentialInVersionError(DeltatuneError):
+    """What a version would publish holds a credential; nothing was uploaded. Not retryable."""
+
+
+def check_no_credentials(sources: dict[str, str], metadata: dict[str, Any]) -> None:
+    """Refuse a version whose ``run_config.yaml`` (as written on disk, comments included) or manifest
+    metadata holds a credential, by core/secretkeys.py's rule: the config's own validation is the first
+    line, this one holds even for a file written or edited by hand after it.
+
+    Raises:
+        CredentialInVersionError: naming the file or field and the kind of credential, never the value.
+    """
+    problems: list[str] = []
+    if CONFIG in sources:
+        path = Path(sources[CONFIG])
+        text = path.read_text(errors="replace")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None
+        found: list[Finding] = find_secrets(data) if isinstance(data, (dict, list)) else []
+        found = found or text_findings(text)  # by line: a comment, or a file that is not YAML
+        problems += [f"{CONFIG} ({path}) {f}" for f in found]
+    problems += [f"manifest metadata {f}" for f in find_secrets(metadata)]
+    if problems:
+        raise CredentialInVersionError(
+            "refusing to publish: "
+            + "; ".join(problems)
+            + ". Nothing was uploaded: a version is readable by "
+            f"everyone with store access. Remove the credential from the run config and {WHERE_INSTEAD}"
+        )
+
+
 def publish_run(
     cfg: RunConfig, rd: RunDir, sources: dict[str, str], metadata: dict[str, Any]
 ) -> dict[str, Any]:
@@ -104,7 +141,9 @@ def publish_run(
     Raises:
         store.PublishError: the upload stopped part-way; the state to resume it is saved (retryable).
         store.VersionExistsError: the version was taken by another publisher.
+        CredentialInVersionError: run_config.yaml or the metadata holds a credential (nothing uploaded).
     """
+    check_no_credentials(sources, metadata)
     p, name = cfg.publish, model_name(cfg)
     version, token = p.version, None
     state = rd.publish_state()

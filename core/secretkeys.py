@@ -183,18 +183,17 @@ def find_secrets(obj: Any, prefix: str = "") -> list[Finding]:
 
 
 def text_findings(text: str) -> list[Finding]:
-    """Credentials in free text (a YAML or JSON file as written): ``line N`` for each, key rule on
-    ``name:``/``"name":`` and the value rules on the whole line."""
+    """Credentials in free text (a YAML or JSON file as written, comments included): ``line N`` for
+    each line where a secret-named ``name: value`` / ``name=value`` pair or a credential value appears."""
     found = []
-    key_re = re.compile(r"""^\s*-?\s*["']?([^"'\s:#][^"':#]*?)["']?\s*:\s*(\S.*)?$""")
+    pair = re.compile(r"""([A-Za-z0-9_.\-]+)["']?\s*[:=]\s*["']?([^\s,{}\[\]"']+)""")
     for n, line in enumerate(text.splitlines(), 1):
-        m = key_re.match(line)
-        if m and m.group(2) and is_secret_key(m.group(1).strip()):
-            value = m.group(2).strip().strip(",").strip("\"'")
-            if _holds_value(value) and value not in ("{", "[", "{}", "[]"):
-                found.append(Finding(f"line {n}", f"a secret-looking key ({m.group(1).strip()[:40]})", "key"))
-                continue
-        if (why := value_problem(line)) is not None:
+        names = [
+            m.group(1) for m in pair.finditer(line) if is_secret_key(m.group(1)) and _holds_value(m.group(2))
+        ]
+        if names:
+            found.append(Finding(f"line {n}", f"a secret-looking key ({names[0][:40]})", "key"))
+        elif (why := value_problem(line)) is not None:
             found.append(Finding(f"line {n}", why, "value"))
     return found
 
@@ -226,6 +225,38 @@ def safe_uri(uri: str) -> str:
         ]
         parts = parts._replace(query="&".join(q))
     return urlunsplit(parts)
+
+
+def _secret_strings(obj: Any) -> Iterator[str]:
+    """The credential substrings in ``obj`` (URIs, nested options): userinfo parts, secret query
+    values, values under secret-named keys, token-shaped values."""
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if is_secret_key(k) and isinstance(v, (str, bytes, int)) and _holds_value(v):
+                yield str(v)
+            else:
+                yield from _secret_strings(v)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from _secret_strings(v)
+    elif isinstance(obj, str) and value_problem(obj):
+        if m := re.search(r"://([^/?#\s@]*)@", obj):
+            yield from (p for p in re.split(r"[:]", m.group(1)) if p)
+            yield m.group(1)
+        for k, v in parse_qsl(urlsplit(obj).query if "://" in obj else "", keep_blank_values=True):
+            if v and (is_secret_key(k) or re.fullmatch(_QUERY_NAMES, k)):
+                yield v
+        for rx in _TOKEN_RES.values():
+            yield from (m.group(0) for m in rx.finditer(obj))
+
+
+def scrub(text: str, *sources: Any) -> str:
+    """``text`` (an exception message, say) with every credential found in ``sources`` (the URI and
+    options it was made from) replaced by ``***``: third-party errors quote what they were given."""
+    for secret in sorted(set().union(*(set(_secret_strings(s)) for s in sources)), key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
 
 
 def redact(options: Any) -> Any:

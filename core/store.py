@@ -30,7 +30,7 @@ from fsspec.core import url_to_fs
 from core.errors import DeltatuneError
 from core.fsutil import create_temp_file, fsync_path, fsync_tree, make_temp_dir
 from core.names import check_name, is_safe_name
-from core.secretkeys import WHERE_INSTEAD, find_secrets, redact, safe_uri
+from core.secretkeys import WHERE_INSTEAD, find_secrets, redact, safe_uri, scrub, value_problem
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,8 @@ class _Store:
     fs: fsspec.AbstractFileSystem
     root: str
     uri: str  # safe for logs
+    # To scrub credentials from third-party error messages (core.secretkeys.scrub); never logged.
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_local(self) -> bool:
@@ -211,6 +213,12 @@ def _open_store(store_uri: str, storage_options: Mapping[str, Any] | None) -> _S
         raise ValueError(f"store_uri must be a non-empty path or URI, got {store_uri!r}")
     options = dict(storage_options or {})
     safe = _safe_uri(store_uri)
+    if (why := value_problem(store_uri)) is not None:
+        # The URI is logged, raised and recorded in manifests and alias records (as ``uri``).
+        raise ValueError(
+            f"artifact store URI {safe} holds credentials ({why}); remove them from the URI: "
+            f"{WHERE_INSTEAD}, or storage_options when calling the store from Python"
+        )
     protocol = store_uri.split("://", 1)[0] if "://" in store_uri else "file"
     if protocol not in _LOCAL_PROTOCOLS:
         # Several publishers share one store: a cached listing would hide their versions and claims.
@@ -219,8 +227,10 @@ def _open_store(store_uri: str, storage_options: Mapping[str, Any] | None) -> _S
     try:
         fs, root = url_to_fs(store_uri, **options)
     except (ImportError, ValueError) as exc:
-        raise StoreUnavailableError(f"cannot open artifact store {safe}: {exc}") from None
-    store = _Store(fs=fs, root=root.rstrip("/") or root, uri=safe)
+        raise StoreUnavailableError(
+            f"cannot open artifact store {safe}: {scrub(str(exc), options)}"
+        ) from None
+    store = _Store(fs=fs, root=root.rstrip("/") or root, uri=safe, options=options)
     _check_reachable(store)
     return store
 
@@ -247,11 +257,11 @@ def _check_reachable(store: _Store) -> None:
             if path == top and top != root:
                 return  # may list the store's prefix, not the bucket: the claim write will tell
             raise StoreUnavailableError(
-                f"artifact store {store.uri}: access denied to {path!r} ({exc})"
+                f"artifact store {store.uri}: access denied to {path!r} ({scrub(str(exc), store.options)})"
             ) from None
         except Exception as exc:  # network errors come in many types (botocore, aiohttp, OSError)
             raise StoreUnavailableError(
-                f"cannot reach artifact store {store.uri} ({type(exc).__name__}: {exc}); check the "
+                f"cannot reach artifact store {store.uri} ({type(exc).__name__}: {scrub(str(exc), store.options)}); check the "
                 "endpoint (storage_options.client_kwargs.endpoint_url), the network, and the credentials "
                 "in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE)"
             ) from None
