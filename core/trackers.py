@@ -267,7 +267,15 @@ class Trackers:
 
     def close(self, failed: bool = False) -> None:
         for t in self.active:
-            _quietly(t.close, failed)
+            try:
+                t.close(failed)  # MLflow sends its last buffered metrics here
+            except Exception as e:
+                log.warning(
+                    "%s: closing failed (%s: %s); its last metrics may be missing",
+                    t.name,
+                    type(e).__name__,
+                    e,
+                )
         self.active = []
 
     def _each(self, method: str, *args: Any) -> None:

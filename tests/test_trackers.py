@@ -27,15 +27,25 @@ def _mlflow_runs(uri: str, experiment: str):
     return client, client.search_runs([exp.experiment_id])
 
 
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> str:
+    """One SQLite store for this module's unit tests: creating one takes MLflow seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 @pytest.mark.slow
 def test_a_finetune_run_reports_steps_config_eval_and_version_to_tensorboard_and_mlflow(
-    prefect_harness, run_config, tmp_path
+    prefect_harness, run_config, tmp_path, mlflow_store
 ):
     from core.config import to_yaml
     from flows.finetune import finetune
 
     cfg = run_config(
-        "name=tracked", "train.launcher=inprocess", "train.max_steps=3", "report_to=[tensorboard, mlflow]"
+        "name=tracked",
+        "train.launcher=inprocess",
+        "train.max_steps=3",
+        "report_to=[tensorboard, mlflow]",
+        f"tracking.mlflow_tracking_uri={mlflow_store}",
     )
     path = tmp_path / "run.yaml"
     path.write_text(to_yaml(cfg))
@@ -52,8 +62,8 @@ def test_a_finetune_run_reports_steps_config_eval_and_version_to_tensorboard_and
         (3, pytest.approx(out["eval"]["tuned"]["loss"]))
     ]
 
-    # MLflow (the default store: SQLite in the run directory): one run holding it all.
-    client, runs = _mlflow_runs(f"sqlite:///{rd / 'mlflow.db'}", "tracked")
+    # MLflow: one run holding it all, in the experiment named after the model.
+    client, runs = _mlflow_runs(mlflow_store, "tracked")
     assert len(runs) == 1, [r.info.run_name for r in runs]
     run = runs[0]
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
@@ -68,12 +78,6 @@ def test_a_finetune_run_reports_steps_config_eval_and_version_to_tensorboard_and
     assert run.data.tags["deltatune.published_uri"] == out["publish"]["uri"]
     assert run.data.tags["deltatune.manifest_sha256"] == out["publish"]["manifest_sha256"]
     assert json.loads((rd / "tracking.json").read_text())["mlflow_run_id"] == run.info.run_id
-
-
-@pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory) -> str:
-    """One SQLite store for this module's unit tests: creating one takes MLflow seconds."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 @pytest.mark.slow  # MLflow creates its SQLite store (~10 s on 2 cores)
@@ -119,6 +123,33 @@ def test_a_resumed_training_continues_its_tracker_runs_and_a_new_config_starts_n
     assert len(runs) == 2
 
 
+@pytest.mark.slow  # MLflow's SQLite store
+def test_a_tracker_that_fails_mid_training_is_dropped_and_the_others_go_on(tmp_path, mlflow_store, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from core.config import load_config
+    from core.trackers import Trackers
+
+    cfg = load_config(
+        overrides=[
+            f"output_dir={tmp_path}",
+            "name=dropped",
+            "report_to=[mlflow, tensorboard]",
+            f"tracking.mlflow_tracking_uri={mlflow_store}",
+        ]
+    )
+    trackers = Trackers.for_training(cfg, cfg.run_dir, start=0)
+    MlflowClient(tracking_uri=mlflow_store).delete_run(trackers.state["mlflow_run_id"])  # gone mid-run
+    for step in range(1, 151):  # enough metrics that MLflow's buffer is sent, and refused
+        trackers.log_step(
+            {"step": step, "loss": 1.0 / step, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 9.0}
+        )
+    assert [t.name for t in trackers.active] == ["tensorboard"]
+    assert "mlflow: log_metrics failed" in caplog.text
+    trackers.close()
+    assert [s for s, _ in _scalars(cfg.run_dir / "tensorboard", "train/loss")] == list(range(1, 151))
+
+
 def test_a_tracker_that_cannot_start_is_an_error_naming_it_and_closes_the_others(tmp_path):
     from core.config import load_config
     from core.trackers import TrackerError, Trackers
@@ -133,6 +164,19 @@ def test_a_tracker_that_cannot_start_is_an_error_naming_it_and_closes_the_others
     with pytest.raises(TrackerError, match=r"report_to: mlflow could not start .*nosuchstore"):
         Trackers.for_training(cfg, cfg.run_dir, start=0)
     assert not (cfg.run_dir / "tracking.json").exists()  # no tracker run recorded as started
+
+
+def test_tracker_locations_default_to_the_run_directory(tmp_path, monkeypatch):
+    from core.config import load_config
+    from core.trackers import mlflow_uri, tensorboard_dir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(overrides=[f"output_dir={tmp_path}", "name=where"])
+    rd = cfg.run_dir
+    assert mlflow_uri(cfg, rd) == f"sqlite:///{rd.resolve() / 'mlflow.db'}"
+    assert tensorboard_dir(cfg, rd) == rd / "tensorboard"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert mlflow_uri(cfg, rd) == "http://127.0.0.1:5000"
 
 
 def test_report_to_names_only_known_and_installed_trackers():
