@@ -4,7 +4,9 @@
     run_training(cfg, run_dir, train_data, on_line=print)
 
 The launcher runs in its own process group and is killed as a group on timeout, cancellation or
-error; ranks also die with their parent (PR_SET_PDEATHSIG), so no rank outlives its supervisor.
+error; ranks also die with their parent (PR_SET_PDEATHSIG), so no rank outlives its supervisor. A start-up
+that makes no progress for ``train.startup_timeout_s`` fails naming the phase it waits in (core.startup);
+neither that nor ``train.timeout_s`` is retried.
 """
 
 from __future__ import annotations
@@ -30,12 +32,21 @@ from core.fsutil import read_json
 from core.process import SUPERVISOR_PID_ENV, set_pdeathsig
 from core.run import PREPARE_REPORT, RunDir, data_fingerprint, training_fingerprint
 from core.schedule import total_steps
+from core.startup import StartupWatchdog, clear, node_ranks
 
 log = logging.getLogger(__name__)
 
 
 class PreflightError(DeltatuneError, ValueError):
     """The run cannot start as configured; nothing was launched. Retrying will not help."""
+
+    retryable = False
+
+
+class TrainingTimeout(DeltatuneError, TimeoutError):
+    """The launch ran past ``train.timeout_s`` and was killed. Not retried: with ``train.retries: 2`` a
+    retried timeout would triple the budget the config sets. A new flow run resumes from the newest
+    complete checkpoint, so raising ``timeout_s`` and running again loses at most ``save_every`` steps."""
 
     retryable = False
 
@@ -209,12 +220,14 @@ def run_supervised(
     timeout_s: float | None = None,
     tail: int = 40,
     on_tick: Callable[[], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> tuple[int, list[str]]:
     """Run ``argv`` in its own process group, streaming each output line to ``on_line``.
 
-    ``on_tick`` is called about 5 times a second while the process runs (e.g. to draw progress).
-    Returns (exit code, last ``tail`` lines). Any exception here (timeout, KeyboardInterrupt, a
-    cancelled task) kills the whole group before it propagates.
+    ``on_tick`` is called about 5 times a second while the process runs (e.g. to draw progress; its
+    errors are ignored); so is ``check``, whose exception (a watchdog's) stops the run. Returns (exit
+    code, last ``tail`` lines). Any exception here (``TrainingTimeout`` past ``timeout_s``, ``check``'s,
+    KeyboardInterrupt, a cancelled task) kills the whole group before it propagates.
     """
     proc = subprocess.Popen(
         argv,
@@ -251,9 +264,12 @@ def run_supervised(
             if failed:
                 raise failed[0]
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"training exceeded train.timeout_s={timeout_s:g}s; killed its process group"
+                raise TrainingTimeout(
+                    f"training exceeded train.timeout_s={timeout_s:g}s; killed its process group. Not "
+                    "retried: raise train.timeout_s and run again (it resumes from the newest checkpoint)"
                 )
+            if check is not None:
+                check()
             if on_tick is not None:
                 try:
                     on_tick()
@@ -318,6 +334,30 @@ class _MetricsProgress:
         self.bar.close()
 
 
+def startup_watchdog(cfg: RunConfig, rd: RunDir) -> StartupWatchdog | None:
+    """The start-up watchdog of this node's ranks (None with ``train.startup_timeout_s: null``), after
+    removing their markers of an earlier attempt."""
+    launcher = resolve_launcher(cfg)
+    nproc = 1 if launcher == "python" else cfg.train.num_processes
+    ranks = node_ranks(node_rank(cfg), nproc)
+    clear(rd, ranks)
+    if cfg.train.startup_timeout_s is None:
+        return None
+    before, hint = f"starting the rank process{'es' if nproc > 1 else ''} (importing torch)", None
+    if cfg.train.num_nodes > 1:
+        addr = cfg.train.master_addr or os.environ.get("MASTER_ADDR")
+        port = cfg.train.master_port or int(os.environ.get("MASTER_PORT", 29500))
+        before = (
+            f"{launcher}'s rendezvous of {cfg.train.num_nodes} nodes at {addr}:{port}: no rank of this node "
+            f"(node {node_rank(cfg)}) has started, so not every node has joined yet"
+        )
+        hint = (
+            "every node must run the flow with the same train.num_nodes, master_addr and master_port, and "
+            "the master port must be reachable from every node"
+        )
+    return StartupWatchdog(rd, ranks, cfg.train.startup_timeout_s, before, before_hint=hint)
+
+
 def run_training(
     cfg: RunConfig, run_dir: str | Path, train_data: str | Path, *, on_line: Callable[[str], None] = print
 ) -> dict:
@@ -325,6 +365,8 @@ def run_training(
 
     Raises:
         PreflightError: nothing was launched (not retryable).
+        core.startup.StartupTimeout: a start-up phase made no progress for ``train.startup_timeout_s`` (not retryable).
+        TrainingTimeout: the launch ran past ``train.timeout_s`` (not retryable).
         TrainingFailed: the process failed; ``retryable`` says whether a retry (which resumes) may help.
     """
     run_dir, rd = Path(run_dir), RunDir(run_dir)
@@ -339,6 +381,7 @@ def run_training(
     log.info("launching: %s", " ".join(argv))
     for stale in rd.error_files():
         stale.unlink()
+    watchdog = startup_watchdog(cfg, rd)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -349,7 +392,12 @@ def run_training(
     progress = _MetricsProgress.for_run(cfg, rd, train_data) if sys.stderr.isatty() else None
     try:
         rc, tail = run_supervised(
-            argv, on_line=on_line, env=env, timeout_s=cfg.train.timeout_s, on_tick=progress and progress.tick
+            argv,
+            on_line=on_line,
+            env=env,
+            timeout_s=cfg.train.timeout_s,
+            on_tick=progress and progress.tick,
+            check=watchdog,
         )
     finally:
         if progress is not None:

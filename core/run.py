@@ -7,7 +7,7 @@ decide what may be reused (data, training, code), whether training finished, and
 
 Layout (docs/run-directory.md): run_config.yaml, data/ (data-node<N>/ on other nodes), metrics.jsonl,
 checkpoints/step-NNNNNN/, adapter/ or model/, train_summary.json, train_error[.rank<R>].json, eval.json,
-merged/, merge_report.json, publish_state.json.
+merged/, merge_report.json, publish_state.json, startup/rank<R>.json.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ EVAL = "eval.json"
 MERGE_REPORT = "merge_report.json"
 PUBLISH_STATE = "publish_state.json"
 _ERROR = "train_error"
+STARTUP = "startup"
 
 _REPO = Path(__file__).resolve().parents[1]
 # The sources whose content decides what a stage produces (flows/ only orchestrates them).
@@ -113,6 +114,10 @@ class RunDir:
 
     def error_files(self) -> list[Path]:
         return sorted(self.path.glob(f"{_ERROR}*.json"))
+
+    def phase_file(self, rank: int) -> Path:
+        """Where rank ``rank`` records its start-up phase (core.startup; the launch watchdog reads it)."""
+        return self.path / STARTUP / f"rank{rank}.json"
 
     # --- config -----------------------------------------------------------------------------------
     def write_config(self, cfg: RunConfig) -> Path:
@@ -197,6 +202,7 @@ def trajectory(cfg: RunConfig) -> dict[str, Any]:
             "retries",
             "retry_delay_s",
             "timeout_s",
+            "startup_timeout_s",
             "save_every",
             "keep_last",
             "keep_checkpoints",
