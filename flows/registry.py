@@ -22,6 +22,7 @@ from typing import Any
 from core import store
 from core.config import ConfigError, RunConfig, load_config
 from core.errors import DeltatuneError
+from flows._help import command
 
 VERBS = ("promote", "rollback", "versions", "pull", "gc")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -48,15 +49,23 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: Any) -> None:
     """Add the registry verbs to the ``deltatune`` subparsers."""
-    p = sub.add_parser(
+    p = command(
+        sub,
         "promote",
-        help="gate a published version and point an alias at it (runs the promote flow)",
-        description="Check the version's files and its gates (promote.gates), then move the alias by "
-        "compare-and-swap: a promotion that raced another and lost fails with nothing changed.",
+        "gate a published version and point an alias at it (runs the promote flow)",
+        "Re-hash the version's files, run its gates (promote.gates: min_improvement, no_regression, "
+        "max_merge_gap, adapter_integrity) and, if every gate passes, move the alias to it by "
+        "compare-and-swap: a promotion that raced another and lost fails with nothing changed. "
+        "Exit status 0 promoted, 1 refused by a gate or failed, 2 bad input.",
+        [
+            "deltatune promote tiny-llama-word-kinds v0001 --alias production",
+            "deltatune promote my-model v0003 --alias staging --set promote.gates.min_improvement.margin=0.05",
+            "deltatune promote my-model v0004 --alias production --force --store s3://bucket/models",
+        ],
     )
-    p.add_argument("model")
-    p.add_argument("version")
-    p.add_argument("--alias", required=True, help="e.g. production")
+    p.add_argument("model", help="model name in the store (publish.model_name)")
+    p.add_argument("version", help="published version, e.g. v0003")
+    p.add_argument("--alias", required=True, help="alias to move, e.g. production")
     p.add_argument("--force", action="store_true", help="promote although a gate fails (recorded as forced)")
     p.add_argument(
         "--set",
@@ -67,19 +76,58 @@ def add_parsers(sub: Any) -> None:
         help="gate setting, e.g. --set promote.gates.min_improvement.margin=0.1 (repeatable)",
     )
     _store_args(p)
-    p = sub.add_parser("rollback", help="point an alias back at its previous target")
-    p.add_argument("model")
-    p.add_argument("--alias", required=True)
+    p = command(
+        sub,
+        "rollback",
+        "point an alias back at its previous target",
+        "Write a new generation of the alias pointing at the version it pointed at before, after "
+        "re-hashing that version's files. A second rollback undoes the first.",
+        ["deltatune rollback tiny-llama-word-kinds --alias production"],
+    )
+    p.add_argument("model", help="model name in the store")
+    p.add_argument("--alias", required=True, help="alias to move back, e.g. production")
     _store_args(p)
-    p = sub.add_parser("versions", help="list a model's versions, key metrics and aliases")
-    p.add_argument("model")
+    p = command(
+        sub,
+        "versions",
+        "list a model's versions, key metrics and aliases",
+        "List every published version of a model (those with a manifest) with its key eval metrics, "
+        "and where each alias points.",
+        [
+            "deltatune versions tiny-llama-word-kinds",
+            "deltatune versions my-model --json --store s3://bucket/models",
+        ],
+    )
+    p.add_argument("model", help="model name in the store")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _store_args(p)
-    p = sub.add_parser("pull", help="download a version, every file checked, into a new directory")
+    p = command(
+        sub,
+        "pull",
+        "download a version, every file checked, into a new directory",
+        "Download MODEL@ALIAS or MODEL@VERSION into a temporary directory beside DEST, check every "
+        "file's sha256 against the manifest and rename it to DEST only when all match: a failed pull "
+        "leaves no DEST.",
+        [
+            "deltatune pull tiny-llama-word-kinds@production ./serve/model",
+            "deltatune pull my-model@v0003 ./model --store s3://bucket/models",
+        ],
+    )
     p.add_argument("ref", metavar="MODEL@ALIAS|MODEL@VERSION")
     p.add_argument("dest", help="directory to create (must not exist, or be empty)")
     _store_args(p)
-    p = sub.add_parser("gc", help="remove unfinished multipart uploads and abandoned claims")
+    p = command(
+        sub,
+        "gc",
+        "remove unfinished multipart uploads and abandoned claims",
+        "Abort unfinished S3 multipart uploads under the store's prefix and remove claim-only versions "
+        "(a .claim, no manifest) whose newest file is older than --older-than. A version with a "
+        "manifest is never touched.",
+        [
+            "deltatune gc --older-than 24h --dry-run",
+            "deltatune gc --store s3://bucket/models --older-than 2d",
+        ],
+    )
     p.add_argument("--older-than", default="24h", help="age, e.g. 24h, 90m, 2d, 3600s (default 24h)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     _store_args(p)
@@ -142,17 +190,24 @@ def _opts(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _promote(args: argparse.Namespace, cfg: RunConfig) -> dict[str, Any]:
-    from flows.promote import promote  # imports Prefect: only for the verb that runs a flow
+    from flows.server import PrefectAPI
 
-    record = promote(
-        model=args.model,
-        version=args.version,
-        alias=args.alias,
-        store=cfg.publish.store,
-        storage_options=_opts(cfg),
-        gates=cfg.promote.gates.model_dump(mode="json"),
-        force=args.force,
-    )
+    api = PrefectAPI.start()  # the only verb that runs a flow: one API, started while Prefect imports
+    try:
+        from flows.promote import promote
+
+        with api.session():
+            record = promote(
+                model=args.model,
+                version=args.version,
+                alias=args.alias,
+                store=cfg.publish.store,
+                storage_options=_opts(cfg),
+                gates=cfg.promote.gates.model_dump(mode="json"),
+                force=args.force,
+            )
+    finally:
+        api.stop()
     keys = ("promoted", "model", "alias", "version", "previous", "generation", "forced")
     return {**{k: record.get(k) for k in keys}, "gates": {g["name"]: g["status"] for g in record["gates"]}}
 
