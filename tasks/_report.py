@@ -66,6 +66,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
         return "–"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if isinstance(v, Mapping):  # a gate that measures several values (max_merge_gap)
+        return ", ".join(f"{k} {_fmt(x, digits)}" for k, x in v.items() if x is not None) or "–"
     if isinstance(v, float):
         return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
     return str(v)
