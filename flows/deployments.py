@@ -385,15 +385,14 @@ def runner_deployments(spec: dict[str, Any], names: list[str] | None = None) -> 
                 schedules.append(Cron(s["cron"], timezone=s.get("timezone"), slug=s.get("slug")))
             else:
                 schedules.append(Interval(s["interval"], timezone=s.get("timezone"), slug=s.get("slug")))
-        out.append(
-            flow.to_deployment(
-                name=d["name"],
-                description=d.get("description"),
-                parameters=d.get("parameters") or {},
-                tags=d.get("tags"),
-                schedules=schedules,
-            )
+        deployment = flow.to_deployment(
+            name=d["name"],
+            description=d.get("description"),
+            parameters=d.get("parameters") or {},
+            tags=d.get("tags"),
+            schedules=schedules,
         )
+        out.append(deployment)
     return out
 
 
@@ -411,7 +410,32 @@ def serve(
         os.environ.setdefault(key, value)
     os.chdir(CHECKOUT)  # relative run-config paths and entry points, as the pull step does for a worker
     deployments = runner_deployments(spec, names)
+    _refuse_worker_deployments(deployments)
     prefect_serve(*deployments, pause_on_shutdown=False, limit=limit)
+
+
+def _refuse_worker_deployments(deployments: list[Any]) -> None:
+    """Serving updates a deployment of the same name in place, but Prefect 3.9.1 leaves a worker
+    deployment's work pool and code location (path None) as they were, so its served runs fail to load
+    the flow (measured). Say so before serving instead."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            try:
+                have = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            except ObjectNotFound:
+                continue
+            if have.work_pool_name or have.pull_steps:
+                taken.append(f"{d.flow_name}/{d.name} (work pool {have.work_pool_name})")
+    if taken:
+        raise DeploymentError(
+            f"{', '.join(taken)} already deployed for a worker by `prefect deploy`; `deltatune serve` "
+            "serves under the same names, instead of a worker: delete them first (`prefect deployment "
+            "delete NAME`) or serve only the others (`deltatune serve DEPLOYMENT ...`)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -247,7 +247,7 @@ def test_readme_deployment_steps_run_the_demo_on_a_worker(stack):
 
     steps = readme_steps()
     kinds = ["deltatune setup", "prefect deploy", "prefect worker start", "prefect deployment run"]
-    assert [next(k for k in kinds if s.startswith(k)) for s in steps] == kinds, steps
+    assert [max((k for k in kinds if s.startswith(k)), key=len) for s in steps] == kinds, steps
     setup_cmd, deploy_cmd, worker_cmd, run_cmd = steps
     spec = yaml.safe_load((REPO / "deploy/prefect.yaml").read_text())
     resolve_model_path("builtin:tiny-llama")  # build it once here, not in two flow runs at the same time
@@ -310,7 +310,12 @@ def test_readme_deployment_steps_run_the_demo_on_a_worker(stack):
         f"cache.storage={tmp / 'results'}",
         f"train.gpu_slots_limit={limit}",
     ]
-    runs = [_run_id(_trigger(stack, run_cmd, [*tiny, f"name=demo-{i}", f"train.seed={i}"])) for i in (1, 2)]
+    # The second run publishes its adapter alone: evaluating and merging twice would prove nothing more.
+    second = ["eval.enabled=false", "merge.enabled=false"]
+    runs = [
+        _run_id(_trigger(stack, run_cmd, [*tiny, "name=demo-1", "train.seed=1"])),
+        _run_id(_trigger(stack, run_cmd, [*tiny, "name=demo-2", "train.seed=2", *second])),
+    ]
     # An override without '=' passes the schema's type but fails the flow run before any task runs.
     no_eq = _trigger(stack, run_cmd, ["train.lr"])
     no_eq_id = _run_id(no_eq) if no_eq.returncode == 0 else None
@@ -351,3 +356,70 @@ def test_readme_deployment_steps_run_the_demo_on_a_worker(stack):
         )
         assert stack.flow_run(no_eq_id)["state_type"] == "FAILED"
         assert stack.task_runs(no_eq_id) == []  # nothing ran
+
+    # 5. deltatune serve: refuses names a worker deployment holds; serves the nightly schedule itself
+    # once that deployment is gone, and stopping it leaves the schedule active (pause_on_shutdown=False).
+    out = stack.sh("deltatune serve llama3-8b-lora-nightly")
+    assert out.returncode == 1 and "prefect deployment delete" in out.stderr, out.stderr
+    stack.http.delete(f"/deployments/{nightly['id']}").raise_for_status()
+    serving = stack.start("deltatune serve llama3-8b-lora-nightly", "serve")
+
+    def served():
+        r = stack.http.get("/deployments/name/finetune/llama3-8b-lora-nightly")
+        return r.status_code == 200 and r.json()["path"] and r.json()["schedules"]
+
+    stack.wait(served, 180, lambda: stack.log("serve"))
+    os.killpg(serving.pid, signal.SIGINT)  # a graceful stop: where Prefect would pause the schedules
+    serving.wait(timeout=60)
+    again = stack.get("/deployments/name/finetune/llama3-8b-lora-nightly")
+    assert again["work_pool_name"] is None and not again["paused"]
+    assert [s["schedule"]["cron"] for s in again["schedules"] if s["active"]] == ["0 2 * * *"]
+
+
+_SLEEPER = """
+import time
+from prefect import flow
+
+@flow(name="deltatune-test-sleeper")
+def sleeper():
+    time.sleep(900)
+
+sleeper()
+"""
+
+
+@pytest.mark.slow
+def test_a_flow_run_whose_process_died_is_marked_crashed(stack, tmp_path):
+    """The zombie automation at work: a flow run that sent a heartbeat and was then SIGKILLed with its
+    process group (as when its worker's machine dies) is marked Crashed once the timeout passes."""
+    out = stack.sh("deltatune setup --gpus 8 --heartbeat-timeout 35")  # setup again: the change applied
+    assert out.returncode == 0 and json.loads(out.stdout)["automation"].startswith(("created", "updated")), (
+        out.stderr
+    )
+    script = tmp_path / "sleeper.py"
+    script.write_text(_SLEEPER)
+    proc = stack.start(
+        [sys.executable, str(script)], "sleeper", env={**stack.env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    )
+    runs = {"flows": {"name": {"any_": ["deltatune-test-sleeper"]}}}
+
+    def running():
+        return [r for r in stack.post("/flow_runs/filter", runs) if r["state_type"] == "RUNNING"]
+
+    stack.wait(running, 180, lambda: stack.log("sleeper"))
+    [run] = running()
+    beats = {
+        "filter": {
+            "event": {"name": ["prefect.flow-run.heartbeat"]},
+            "resource": {"id": [f"prefect.flow-run.{run['id']}"]},
+        },
+        "limit": 5,
+    }
+    stack.wait(lambda: stack.post("/events/filter", beats)["events"], 60, lambda: stack.log("sleeper"))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert stack.flow_run(run["id"])["state_type"] == "RUNNING"  # nobody told the server
+    stack.wait(
+        lambda: stack.flow_run(run["id"])["state_type"] == "CRASHED", 150, lambda: stack.flow_run(run["id"])
+    )
+    assert "no heartbeat" in stack.flow_run(run["id"])["state"]["message"]
