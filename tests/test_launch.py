@@ -15,6 +15,7 @@ from core.config import ConfigError
 from core.launch import (
     PreflightError,
     TrainingFailed,
+    TrainingTimeout,
     build_command,
     device_count,
     preflight,
@@ -22,6 +23,7 @@ from core.launch import (
     run_training,
 )
 from core.run import RunDir, training_fingerprint
+from core.startup import StartupTimeout
 from tests.conftest import REPO
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,7 +280,7 @@ def test_run_supervised_timeout_kills_the_whole_group(tmp_path):
     pidfile = tmp_path / "pids"
     t0 = time.monotonic()
     # Long enough for a loaded machine to start both interpreters and write the pid file.
-    with pytest.raises(TimeoutError, match="timeout_s=15"):
+    with pytest.raises(TrainingTimeout, match="timeout_s=15"):
         run_supervised([sys.executable, "-c", _SPAWNER, str(pidfile)], on_line=lambda s: None, timeout_s=15)
     assert time.monotonic() - t0 < 60  # not the children's 120 s sleep
     pids = _pids(pidfile)
@@ -405,7 +407,10 @@ def test_train_task_retry_predicate():
     assert decide(TrainingFailed("DataError: ...", retryable=False)) is False
     assert decide(TrainingFailed("exited with code -9", retryable=True)) is True
     assert decide(RuntimeError("rank lost")) is True
-    assert decide(TimeoutError("train.timeout_s exceeded")) is True
+    assert decide(TimeoutError("connect timed out")) is True  # a network timeout may pass
+    # train.timeout_s is the stage's budget: a retry would multiply it (README, "Reruns, retries and resume")
+    assert decide(TrainingTimeout("training exceeded train.timeout_s=60s")) is False
+    assert decide(StartupTimeout("no progress in phase 'rendezvous'")) is False
     import torch
 
     assert decide(torch.OutOfMemoryError("CUDA out of memory")) is False  # same batch, same OOM
@@ -417,6 +422,8 @@ def test_train_task_retry_predicate():
     for cls, base in [
         (PreflightError, ValueError),
         (TrainingFailed, RuntimeError),
+        (TrainingTimeout, TimeoutError),
+        (StartupTimeout, TimeoutError),
         (ckpt.CheckpointMismatchError, ValueError),
         (ckpt.UnreadableCheckpointError, ValueError),
         (AdapterError, ValueError),
