@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from core.errors import DeltatuneError
 from core.names import is_safe_name
-from core.secretkeys import WHERE_INSTEAD, find_secrets, value_problem
+from core.secretkeys import WHERE_INSTEAD, describe, find_secrets, value_problem
 
 # The practice of the LoRA-vs-full-fine-tuning article this project grew from (README): every attention projection plus the MLP, r = 8, alpha = 2r.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -572,7 +572,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> RunConf
         lines = [
             f"invalid run config ({source}): {len(found)} credential(s), which a run config must not hold"
         ]
-        lines += [f"  - {f}" for f in found]
+        lines += [f"  - {line}" for line in describe(found)]
         lines.append(
             f"  run_config.yaml is published with every version and flow parameters are stored by Prefect: "
             f"{WHERE_INSTEAD}"

@@ -182,6 +182,33 @@ def find_secrets(obj: Any, prefix: str = "") -> list[Finding]:
     return found
 
 
+def describe(found: list[Finding]) -> list[str]:
+    """One line per field for a refusal: secret-named keys grouped under the option set that holds
+    them (``data.storage_options: has secret-looking key(s) key, client_kwargs.token``), credential
+    values by path (``publish.store: holds credentials (a user or password before '@' in a URL)``)."""
+    groups: dict[str, list[str]] = {}
+    lines: list[str] = []
+    for f in found:
+        if f.kind != "key":
+            lines.append(
+                f"{f.path}: holds credentials ({f.reason})" if f.path else f"holds credentials ({f.reason})"
+            )
+            continue
+        parts = f.path.split(".")
+        cut = max(
+            (i + 1 for i, p in enumerate(parts[:-1]) if p.endswith("storage_options")), default=len(parts) - 1
+        )
+        field, rel = ".".join(parts[:cut]) or "<root>", ".".join(parts[cut:])
+        if field not in groups:
+            groups[field] = []
+            lines.append(field)  # placeholder, filled below in first-seen order
+        groups[field].append(rel)
+    return [
+        f"{line}: has secret-looking key(s) {', '.join(groups[line])}" if line in groups else line
+        for line in lines
+    ]
+
+
 def text_findings(text: str) -> list[Finding]:
     """Credentials in free text (a YAML or JSON file as written, comments included): ``line N`` for
     each line where a secret-named ``name: value`` / ``name=value`` pair or a credential value appears."""
