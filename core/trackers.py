@@ -342,6 +342,16 @@ def log_results(cfg: RunConfig, run_dir: str | os.PathLike[str], out: Mapping[st
     if not cfg.report_to:
         return True
     try:
+        return _log_results(cfg, run_dir, out)
+    except Exception as e:  # e.g. tracking.json not writable: the run is done, and says so in its log
+        log.warning(
+            "reporting the results to %s failed (%s: %s)", ", ".join(cfg.report_to), type(e).__name__, e
+        )
+        return False
+
+
+def _log_results(cfg: RunConfig, run_dir: str | os.PathLike[str], out: Mapping[str, Any]) -> bool:
+    try:
         trackers = Trackers.open(cfg, run_dir)
     except TrackerError as e:
         log.warning("%s; the eval results and the version were not reported", e)
