@@ -305,6 +305,7 @@ def redact(options: Any) -> Any:
 # rule as a pattern, so the deployment's parameter_openapi_schema makes Prefect's server refuse such a
 # flow run when it is created (enforce_parameter_schema, on by default), before anything is stored.
 
+_QUOTE = "[\x22']"  # " or ' (a backslash-quote is not a valid escape in an ECMAScript unicode regex)
 _OVERRIDE_FORM = r"^\s*[A-Za-z_][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*\s*="
 # The same rule as find_secrets on a parsed KEY=VALUE, in text form: a secret word in the key, a bare
 # secret segment (``...storage_options.key=``), a secret key inside a YAML/JSON mapping value, userinfo,
@@ -313,8 +314,8 @@ OVERRIDE_SECRET_PATTERN = "|".join(
     [
         rf"^[^=]*(?:{_KEY_WORDS})",
         rf"^(?:[^=]*\.)?\s*(?:{_BARE_KEYS})\s*=",
-        rf"=.*(?:{_KEY_WORDS})[A-Za-z0-9_-]*[\"']?\s*:",
-        rf"=.*[{{,\s\"'](?:{_BARE_KEYS})[\"']?\s*:",
+        rf"=.*(?:{_KEY_WORDS})[A-Za-z0-9_-]*{_QUOTE}?\s*:",
+        rf"=.*[{{,\s\x22'](?:{_BARE_KEYS}){_QUOTE}?\s*:",
         _USERINFO,
         _SIGNED_QUERY,
         *_TOKEN_SHAPES.values(),

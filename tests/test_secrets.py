@@ -152,6 +152,46 @@ def test_the_schema_pattern_is_portable_and_case_insensitive():
     assert _schema_refuses(f"data.path=https://h/x?x-amz-signature={MARK}")
 
 
+def test_the_schema_pattern_means_the_same_to_a_browser(tmp_path):
+    """The UI (ECMAScript) reads the same schema: the pattern compiles there, unicode mode included, and
+    refuses exactly what Python's re refuses."""
+    import re
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node (an ECMAScript engine) is not installed")
+    items = BAD + OK
+    script = (
+        "const d = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+        "const out = {};"
+        "for (const [name, p] of Object.entries(d.patterns)) {"
+        "  const plain = new RegExp(p), uni = new RegExp(p, 'u');"
+        "  out[name] = d.items.map(s => [plain.test(s), uni.test(s)]); }"
+        "console.log(JSON.stringify(out));"
+    )
+    patterns = {
+        "override": secretkeys.OVERRIDE_SECRET_PATTERN,
+        "location": secretkeys.LOCATION_SECRET_PATTERN,
+    }
+    run = subprocess.run(
+        [node, "-e", script],
+        input=json.dumps({"patterns": patterns, "items": items}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    verdicts = json.loads(run.stdout)
+    for name, pattern in patterns.items():
+        python = [bool(re.search(pattern, s)) for s in items]
+        assert [a for a, _ in verdicts[name]] == python == [b for _, b in verdicts[name]], name
+    assert all(x for x, _ in verdicts["override"][: len(BAD)]) and not any(
+        x for x, _ in verdicts["override"][len(BAD) :]
+    )
+
+
 # --- run_config.yaml and the manifest metadata can never be published with a credential ------------
 
 
