@@ -36,6 +36,7 @@ SUMMARY = "train_summary.json"
 EVAL = "eval.json"
 MERGE_REPORT = "merge_report.json"
 PUBLISH_STATE = "publish_state.json"
+TRACKING_STATE = "tracking.json"  # the experiment-tracker run ids to resume (core.trackers)
 _ERROR = "train_error"
 STARTUP = "startup"
 
@@ -107,6 +108,20 @@ class RunDir:
     @property
     def publish_state_path(self) -> Path:
         return self.path / PUBLISH_STATE
+
+    @property
+    def tracking_state(self) -> Path:
+        return self.path / TRACKING_STATE
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's default log dir (``tracking.tensorboard_dir`` unset)."""
+        return self.path / "tensorboard"
+
+    @property
+    def mlflow_db(self) -> Path:
+        """MLflow's default SQLite store (``tracking.mlflow_tracking_uri`` and $MLFLOW_TRACKING_URI unset)."""
+        return self.path / "mlflow.db"
 
     def error_file(self, rank: int) -> Path:
         """Where rank ``rank`` records the exception that stopped it (rank 0: ``train_error.json``)."""

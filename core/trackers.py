@@ -38,7 +38,6 @@ from core.secretkeys import redact, safe_uri
 
 log = logging.getLogger(__name__)
 
-STATE = "tracking.json"  # in the run directory: the tracker run ids to resume, with their fingerprint
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s")
 _MLFLOW_MAX_BATCH = 100  # params per MLflow log_batch call (its documented limit is 100)
 _MLFLOW_MAX_PARAM = 6000  # characters of one MLflow param value
@@ -56,14 +55,14 @@ def experiment_name(cfg: RunConfig) -> str:
 
 
 def tensorboard_dir(cfg: RunConfig, run_dir: str | os.PathLike[str]) -> Path:
-    return Path(cfg.tracking.tensorboard_dir or Path(run_dir) / "tensorboard")
+    return Path(cfg.tracking.tensorboard_dir or RunDir(run_dir).tensorboard)
 
 
 def mlflow_uri(cfg: RunConfig, run_dir: str | os.PathLike[str]) -> str:
     """``tracking.mlflow_tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the run
     directory (MLflow 3 refuses new file stores unless ``MLFLOW_ALLOW_FILE_STORE`` is set)."""
     uri = cfg.tracking.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    return uri or f"sqlite:///{RunDir(run_dir).mlflow_db.resolve()}"
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -224,7 +223,7 @@ class Trackers:
         """
         rd = RunDir(run_dir)
         fingerprint = training_fingerprint(cfg)
-        saved = rd.read_json(rd.path / STATE)
+        saved = rd.read_json(rd.tracking_state)
         same = isinstance(saved, dict) and saved.get("fingerprint") == fingerprint
         state = saved if same else {}
         state["fingerprint"] = fingerprint
@@ -241,7 +240,7 @@ class Trackers:
                     retryable=is_retryable(e),
                 ) from e
         if active:
-            write_json(rd.path / STATE, state)
+            write_json(rd.tracking_state, state)
         return cls(active, rd, state, new=not same)
 
     @classmethod

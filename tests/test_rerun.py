@@ -47,7 +47,7 @@ def task_states(flow_run_id, timeout_s: float = 60) -> dict[str, str]:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             )
-            states = {r.name.rsplit("-", 1)[0]: r.state.name if r.state else None for r in runs}
+            states = {r.name.split("-", 1)[0]: r.state.name if r.state else None for r in runs}
             final = all(r.state and r.state.is_final() for r in runs)
             if (final and states == last) or time.monotonic() > deadline:  # final, and read twice the same
                 return states
