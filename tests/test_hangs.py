@@ -276,7 +276,7 @@ def test_a_node_that_never_starts_fails_the_start_up_naming_the_rendezvous(run_c
     assert_no_orphans(cfg.run_dir)
 
 
-def test_a_timeout_is_not_retried_by_the_train_task(prefect_harness, run_config, caplog):
+def test_a_timeout_is_not_retried_by_the_train_task(prefect_harness, run_config):
     """train.timeout_s is the budget of the stage, not of each attempt: with train.retries=2 the task
     still launches once, and fails with the timeout."""
     from prefect import flow
@@ -292,10 +292,20 @@ def test_a_timeout_is_not_retried_by_the_train_task(prefect_harness, run_config,
         state = task(str(rd.path), str(rd.path / "data" / "train"), key="k", return_state=True)
         return state.name, state.result(raise_on_failure=False)
 
-    with caplog.at_level(logging.INFO, logger="core.launch"):
+    # A handler of our own on the logger: Prefect's logging setup owns the root logger's handlers.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("core.launch")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         name, exc = just_train()
-    launches = [r for r in caplog.records if r.getMessage().startswith("launching:")]
-    assert len(launches) == 1
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert len([r for r in records if r.getMessage().startswith("launching:")]) == 1
     assert name == "TimedOut"  # Prefect's own name for a task that raised a TimeoutError
     assert isinstance(exc, TrainingTimeout) and "train.timeout_s=1s" in str(exc) and "Not retried" in str(exc)
     assert_no_orphans(cfg.run_dir)
