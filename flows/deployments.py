@@ -271,6 +271,11 @@ def setup(
     spec = load_spec(prefect_file)
     gpu_pool = (((spec.get("definitions") or {}).get("work_pools") or {}).get("gpu") or {}).get("name")
     template = json.loads(Path(base_job_template).read_text()) if base_job_template else None
+    if gpu_pool_type != "process" and template is None:
+        raise DeploymentError(
+            f"--gpu-pool-type {gpu_pool_type} needs --base-job-template (e.g. "
+            "deploy/k8s/base-job-template.json): only the process template ships with Prefect"
+        )
     if template is not None and not isinstance(template.get("job_configuration"), dict):
         raise DeploymentError(
             f"{base_job_template} is not a work-pool base job template: it needs 'job_configuration' and "

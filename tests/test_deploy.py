@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -236,6 +237,10 @@ def _trigger(stack: Stack, readme_cmd: str, overrides: list[str]) -> subprocess.
     return stack.sh(shlex.join(argv))
 
 
+def _when(run: dict, key: str) -> datetime:
+    return datetime.fromisoformat(run[key].replace("Z", "+00:00"))
+
+
 def _run_id(out: subprocess.CompletedProcess) -> str:
     assert out.returncode == 0, out.stdout + out.stderr
     return re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
@@ -341,8 +346,10 @@ def test_readme_deployment_steps_run_the_demo_on_a_worker(stack):
     stack.wait(done, 600, lambda: f"runs not finished: {stack.log('worker')}")
     for r in runs:
         assert stack.flow_run(r)["state_type"] == "COMPLETED", stack.log("worker")
-    first, second = sorted((names(r)["train"] for r in runs), key=lambda t: t["start_time"])
-    assert second["start_time"] >= first["end_time"], (first, second)  # one after the other
+    spans = sorted(
+        (_when(names(r)["train"], "start_time"), _when(names(r)["train"], "end_time")) for r in runs
+    )
+    assert spans[1][0] >= spans[0][1], spans  # the second train started after the first one ended
 
     versions = sorted((tmp / "artifacts" / "tiny-llama-word-kinds" / "versions").glob("v*/manifest.json"))
     assert len(versions) == 2, versions
