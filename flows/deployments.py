@@ -297,7 +297,7 @@ def setup(
                 raise DeploymentError(
                     f"work pool {name!r} exists with type {pool.type!r}, not {kind!r}: delete it "
                     f"(`prefect work-pool delete {name}`) and run setup again, or pass --gpu-pool-type "
-                    f"{pool.type}"
+                    f"{pool.type}" + ("" if pool.type == "process" else " and its --base-job-template")
                 )
             if custom and pool.base_job_template != want:
                 client.update_work_pool(name, WorkPoolUpdate(base_job_template=want))
