@@ -15,7 +15,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from core.config import DataConfig, cache_root
 from core.errors import DeltatuneError
-from core.fsutil import write_json
+from core.fsutil import make_temp_dir, write_json
 from core.run import PREPARE_REPORT
 
 logger = logging.getLogger(__name__)
@@ -557,7 +556,7 @@ def _build(cfg: DataConfig, tokenizer: Any, train_src: _Source, eval_src: _Sourc
         }
     )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name[:12]}-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, f".tmp-{dest.name[:12]}-")  # not mkdtemp's 0700: a shared cache
     try:
         _save(train, tmp / "train")
         if evals:

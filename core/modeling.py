@@ -88,9 +88,10 @@ def _fetch_remote_dir(uri: str, storage_options: dict) -> Path:
     """
     import json
     import shutil
-    import tempfile
 
     import fsspec
+
+    from core.fsutil import make_temp_dir
 
     fs, root = fsspec.core.url_to_fs(uri, **storage_options)
     listing = _remote_listing(fs, root)
@@ -104,7 +105,7 @@ def _fetch_remote_dir(uri: str, storage_options: dict) -> Path:
     if (dest / ".complete").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, f".{key}.tmp-")  # not mkdtemp's 0700: a shared cache
     try:
         locals_ = [tmp / rel for rel, _, _ in listing]
         for local in locals_:
