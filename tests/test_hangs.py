@@ -154,6 +154,16 @@ def test_watchdog_names_the_stuck_phase_and_stops_after_the_first_step(tmp_path)
     assert dog.done
 
 
+def test_timeouts_default_and_leave_the_training_fingerprint_alone(run_config):
+    from core.run import training_fingerprint
+
+    cfg = run_config()
+    assert cfg.train.startup_timeout_s == 900 and cfg.train.timeout_s is None
+    other = run_config("train.startup_timeout_s=5", "train.timeout_s=7")
+    assert training_fingerprint(other) == training_fingerprint(cfg)  # a checkpoint resumes under either
+    assert run_config("train.startup_timeout_s=null").train.startup_timeout_s is None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Real launches
 # ----------------------------------------------------------------------------------------------------
