@@ -223,6 +223,7 @@ def trajectory(cfg: RunConfig) -> dict[str, Any]:
             "keep_checkpoints",
             "log_every",
             "launcher",
+            "gpu_slots_limit",
         },
     )
     t.update(node_rank=None, master_addr=None, master_port=None, hostfile=None)

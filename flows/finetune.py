@@ -22,7 +22,6 @@ from core.secretkeys import ConfigRef, Override
 from core.stages import stage_keys
 from core.store import check_store
 from core.trackers import log_results
-from flows.deployments import gpu_slots
 from flows.promote import promote_published
 from tasks._cache import Stages
 from tasks._report import report_run
@@ -60,12 +59,9 @@ def finetune(
     stage = Stages(cfg.cache, refresh=refresh, run_name=cfg.name)  # task runs named train-<run>, ...
     run_dir = str(rd.path)
     data = stage(prepare, keys.prepare)(run_dir, node=node)
-    # train.gpu_slots_limit: hold this node's GPUs (num_processes slots of a global limit) while training,
-    # so that two runs on one node (nightly and on demand) wait for each other (README, "Deploying").
-    with gpu_slots(cfg, logger):
-        trained = stage(
-            train, keys.train, retries=cfg.train.retries, retry_delay_seconds=cfg.train.retry_delay_s
-        )(run_dir, data["train_dir"], node_rank=node, refresh=refresh)
+    trained = stage(
+        train, keys.train, retries=cfg.train.retries, retry_delay_seconds=cfg.train.retry_delay_s
+    )(run_dir, data["train_dir"], node_rank=node, refresh=refresh)
     out: dict = {
         "run_dir": run_dir,
         "keys": keys.to_dict(),

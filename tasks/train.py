@@ -9,6 +9,7 @@ from core.run import RunDir
 from core.stages import snapshot
 from tasks._report import TrainProgress
 from tasks._retry import retry_if_retryable
+from tasks._slots import gpu_slots
 
 
 @task(name="train", retry_condition_fn=retry_if_retryable)
@@ -23,9 +24,12 @@ def train(run_dir: str, train_data: str, key: str, node_rank: int = 0, refresh: 
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"node_rank": node_rank})})
     if refresh:
         rd.forget_training()
+    # train.gpu_slots_limit: hold this node's GPUs (num_processes slots of a global limit) while training,
+    # so that two runs on one node (nightly and on demand) wait for each other (README, "Deploying").
     # The progress artifact, fed by metrics.jsonl (which rank 0, on node 0, writes).
-    with TrainProgress.start(cfg, rd.path, train_data) if node_rank == 0 else nullcontext():
-        summary = run_training(cfg, rd.path, train_data, on_line=logger.info)
+    with gpu_slots(cfg, logger):
+        with TrainProgress.start(cfg, rd.path, train_data) if node_rank == 0 else nullcontext():
+            summary = run_training(cfg, rd.path, train_data, on_line=logger.info)
     if "steps" in summary:
         logger.info(
             "trained %s: %d steps, final loss %.4f",

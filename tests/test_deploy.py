@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -80,16 +80,16 @@ def test_gpu_slots_missing_or_too_small_limit_says_what_to_do(prefect_harness):
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     from core.config import load_config
-    from flows.deployments import DeploymentError, gpu_slots
+    from tasks._slots import GpuSlotsError, gpu_slots
 
     cfg = load_config(overrides=["train.gpu_slots_limit=no-such-limit"])
-    with pytest.raises(DeploymentError, match=r"no-such-limit.*deltatune setup --gpus"):
+    with pytest.raises(GpuSlotsError, match=r"no-such-limit.*deltatune setup --gpus"):
         with gpu_slots(cfg):
             pytest.fail("the block ran without its slots")
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="one-gpu", limit=1))
     two = load_config(overrides=["train.gpu_slots_limit=one-gpu", "train.num_processes=2"])
-    with pytest.raises(DeploymentError, match=r"takes 2 GPU slot.*has 1"):
+    with pytest.raises(GpuSlotsError, match=r"takes 2 GPU slot.*has 1"):
         with gpu_slots(two):
             pytest.fail("the block ran without its slots")
     ran = []
@@ -333,11 +333,19 @@ def test_readme_deployment_steps_run_the_demo_on_a_worker(stack):
     def prepared():
         return all(names(r).get("prepare", {}).get("state_type") == "COMPLETED" for r in runs)
 
+    def holding(run_id):
+        """When the run's train stage got its slot (its log line), or None."""
+        logs = stack.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}})
+        at = [_when(x, "timestamp") for x in logs if "holding 1 GPU slot" in x["message"]]
+        return at[0] if at else None
+
     stack.wait(prepared, 600, lambda: f"runs not prepared: {stack.log('worker')}")
     time.sleep(5)
-    for r in runs:  # both wait for the slot: running, prepared, no train task run yet
+    for r, name in zip(
+        runs, ("demo-1", "demo-2"), strict=True
+    ):  # both wait inside the train stage for the slot
         assert stack.flow_run(r)["state_type"] == "RUNNING"
-        assert "train" not in names(r), names(r)
+        assert holding(r) is None and not (tmp / "runs" / name / "metrics.jsonl").exists(), names(r)
     stack.post("/v2/concurrency_limits/decrement-with-lease", {"lease_id": lease})
 
     def done():
@@ -346,10 +354,15 @@ def test_readme_deployment_steps_run_the_demo_on_a_worker(stack):
     stack.wait(done, 600, lambda: f"runs not finished: {stack.log('worker')}")
     for r in runs:
         assert stack.flow_run(r)["state_type"] == "COMPLETED", stack.log("worker")
+    # Each training span: from taking the slot to its train_summary.json (written before the release).
     spans = sorted(
-        (_when(names(r)["train"], "start_time"), _when(names(r)["train"], "end_time")) for r in runs
+        (
+            holding(r),
+            datetime.fromtimestamp((tmp / "runs" / n / "train_summary.json").stat().st_mtime, timezone.utc),
+        )
+        for r, n in zip(runs, ("demo-1", "demo-2"), strict=True)
     )
-    assert spans[1][0] >= spans[0][1], spans  # the second train started after the first one ended
+    assert spans[1][0] >= spans[0][1], spans  # the second training started after the first one ended
 
     versions = sorted((tmp / "artifacts" / "tiny-llama-word-kinds" / "versions").glob("v*/manifest.json"))
     assert len(versions) == 2, versions

@@ -27,6 +27,7 @@ from core.launch import build_command, run_training
 from core.modeling import load_tokenizer
 from core.run import RunDir
 from tests.conftest import REPO
+from tests.processes import assert_no_orphans, rank_processes
 
 pytestmark = pytest.mark.slow
 
@@ -53,28 +54,6 @@ def make_run(run_config, shared_data: dict):
         return cfg, shared_data["train_dir"]
 
     return make
-
-
-def rank_processes(run_dir: Path) -> list[int]:
-    """PIDs whose command line is ``... -m core.train ... <run_dir>`` (the launcher and its ranks)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            args = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # exited meanwhile
-            continue
-        if b"core.train" in args and str(run_dir).encode() in args:
-            found.append(int(d.name))
-    return found
-
-
-def assert_no_orphans(run_dir: Path, wait_s: float = 10.0) -> None:
-    deadline = time.monotonic() + wait_s
-    while (left := rank_processes(run_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"training processes outlived their launcher: {left}"
 
 
 def train(cfg: RunConfig, train_dir: Path) -> dict:

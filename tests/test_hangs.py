@@ -27,6 +27,7 @@ from core.launch import TrainingTimeout, run_training
 from core.run import RunDir
 from core.startup import TRAINING, StartupTimeout, StartupWatchdog, mark
 from tests.conftest import REPO
+from tests.processes import assert_no_orphans
 
 OP = "deepspeed_shm_comm"
 
@@ -167,27 +168,6 @@ def test_timeouts_default_and_leave_the_training_fingerprint_alone(run_config):
 # ----------------------------------------------------------------------------------------------------
 # Real launches
 # ----------------------------------------------------------------------------------------------------
-
-
-def rank_processes(run_dir: Path) -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            args = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"core.train" in args and str(run_dir).encode() in args:
-            found.append(int(d.name))
-    return found
-
-
-def assert_no_orphans(run_dir: Path, wait_s: float = 15.0) -> None:
-    deadline = time.monotonic() + wait_s
-    while (left := rank_processes(run_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"training processes outlived their launcher: {left}"
 
 
 @pytest.fixture(scope="module")

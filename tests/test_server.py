@@ -12,43 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from core.process import parent_of
 from tests.conftest import REPO
+from tests.processes import alive, cmdline, descendants, wait_gone
 
 pytestmark = pytest.mark.slow
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            tree.setdefault(parent_of(int(entry.name)), []).append(int(entry.name))
-    return tree
-
-
-def descendants(pid: int) -> set[int]:
-    tree, out, todo = _children(), set(), [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie (a reparented zombie waits for a reaper that a container may not run)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def start_run(tmp_path: Path, small_model_dir: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -85,13 +52,6 @@ def wait_for_training(proc: subprocess.Popen, run_dir: Path, timeout_s: float = 
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.5)
     return descendants(proc.pid)
-
-
-def wait_gone(pids: set[int], timeout_s: float = 30) -> set[int]:
-    deadline = time.monotonic() + timeout_s
-    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
 
 
 def cleanup(proc: subprocess.Popen, pids: set[int]) -> None:
