@@ -43,6 +43,7 @@ def plain(config: str, overrides: list[str]) -> None:
 
     cfg = load_config(config, overrides)
     rd = RunDir.create(cfg)
+    rd.forget_training()  # as the flow's --refresh: train again, never return the last round's training
     keys = stage_keys(cfg)
     data = prepare_dataset(cfg.data, load_tokenizer(cfg.model), rd.data_dir(0))
     trained = run_training(cfg, rd.path, data.train_dir, on_line=lambda line: None)

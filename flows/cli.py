@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from flows.finetune import finetune
 
+        _warm_up(cfg)
         with api.session():
             result = finetune(config=config, overrides=args.overrides, refresh=args.refresh)
     except Exception as e:  # the flow's log above holds the traceback; end on the one line that matters
@@ -162,6 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         api.stop()
     print(json.dumps(_brief(result), indent=2))
     return 0
+
+
+def _warm_up(cfg) -> None:
+    """The flow's first work, done while the temporary Prefect server still boots (bench/orchestration.py
+    measured it idle for ~2 s of a ~10 s boot): load the tokenizer, which imports its transformers and
+    tokenizers modules (~3 s the first time in a process, ~0.05 s after). A failure is the flow's to
+    report, with its own message: ignored here."""
+    from core.modeling import load_tokenizer
+
+    try:
+        load_tokenizer(cfg.model)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _brief(result: dict) -> dict:

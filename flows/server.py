@@ -159,7 +159,11 @@ class PrefectAPI:
         records the run as crashed and the training supervisor kills its process group first.
         """
         import prefect.context
-        from prefect.settings import get_current_settings
+        from prefect.settings import (
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            get_current_settings,
+            temporary_settings,
+        )
 
         configured = get_current_settings().api.url
         if self.proc is not None and configured:  # the profile names a server: use it, not ours
@@ -174,7 +178,12 @@ class PrefectAPI:
             url = self.wait()
             os.environ["PREFECT_API_URL"] = url
             prefect.context.refresh_global_settings_context()
-            yield url
+            # Flow-run heartbeats let a server that outlives the process mark a dead run crashed; our
+            # temporary server dies with the process, and the heartbeat thread costs each flow up to 1 s
+            # at its end (it sleeps in 1 s steps). A server named by PREFECT_API_URL keeps them.
+            heartbeats = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None} if self.proc is not None else {}
+            with temporary_settings(updates=heartbeats):
+                yield url
         finally:
             _drain_prefect_workers()
             if saved is None:

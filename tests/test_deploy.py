@@ -321,11 +321,11 @@ def test_readme_deployment_steps_run_the_demo_on_a_worker(stack):
         _run_id(_trigger(stack, run_cmd, [*tiny, "name=demo-1", "train.seed=1"])),
         _run_id(_trigger(stack, run_cmd, [*tiny, "name=demo-2", "train.seed=2", *second])),
     ]
-    # An override without '=' passes the schema's type but fails the flow run before any task runs.
+    # An override without '=' is refused by the parameter schema when the run is created; a well-formed
+    # one naming an unknown field fails the flow run before any task runs.
     no_eq = _trigger(stack, run_cmd, ["train.lr"])
-    no_eq_id = _run_id(no_eq) if no_eq.returncode == 0 else None
-    if no_eq_id is None:
-        assert "train.lr" in no_eq.stdout + no_eq.stderr  # refused at creation instead
+    assert no_eq.returncode != 0 and "train.lr" in no_eq.stdout + no_eq.stderr, no_eq.stdout
+    unknown_id = _run_id(_trigger(stack, run_cmd, ["train.no_such_field=1"]))
 
     def names(run_id):
         return {t["name"].split("-")[0]: t for t in stack.task_runs(run_id)}
@@ -368,14 +368,13 @@ def test_readme_deployment_steps_run_the_demo_on_a_worker(stack):
     assert len(versions) == 2, versions
     assert {json.loads(v.read_text())["metadata"]["lineage"]["flow_run_id"] for v in versions} == set(runs)
 
-    if no_eq_id is not None:
-        stack.wait(
-            lambda: stack.flow_run(no_eq_id)["state_type"] in ("FAILED", "CRASHED", "COMPLETED"),
-            120,
-            lambda: stack.log("worker"),
-        )
-        assert stack.flow_run(no_eq_id)["state_type"] == "FAILED"
-        assert stack.task_runs(no_eq_id) == []  # nothing ran
+    stack.wait(
+        lambda: stack.flow_run(unknown_id)["state_type"] in ("FAILED", "CRASHED", "COMPLETED"),
+        120,
+        lambda: stack.log("worker"),
+    )
+    assert stack.flow_run(unknown_id)["state_type"] == "FAILED"
+    assert stack.task_runs(unknown_id) == []  # nothing ran
 
     # 5. deltatune serve: refuses names a worker deployment holds; serves the nightly schedule itself
     # once that deployment is gone, and stopping it leaves the schedule active (pause_on_shutdown=False).
