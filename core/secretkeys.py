@@ -373,7 +373,9 @@ Override = Annotated[
     AfterValidator(_check_override),
     Field(
         pattern=_OVERRIDE_FORM,
-        json_schema_extra={"not": {"pattern": OVERRIDE_SECRET_PATTERN}},
+        # The form again in the JSON schema: after an AfterValidator pydantic leaves ``pattern`` out of it,
+        # and the schema is what Prefect's server checks a deployment's flow run against.
+        json_schema_extra={"pattern": _OVERRIDE_FORM, "not": {"pattern": OVERRIDE_SECRET_PATTERN}},
         description="dotted.key=value (e.g. train.lr=1e-4); never a credential (docs/secrets.md)",
     ),
 ]
