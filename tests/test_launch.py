@@ -22,9 +22,11 @@ from core.launch import (
     run_supervised,
     run_training,
 )
+from core.process import parent_of
 from core.run import RunDir, training_fingerprint
 from core.startup import StartupTimeout
 from tests.conftest import REPO
+from tests.processes import cmdline, descendants
 
 # ----------------------------------------------------------------------------------------------------
 # build_command
@@ -346,18 +348,8 @@ def test_run_training_bad_data_is_not_retryable(run_config, tmp_path):
 
 def _children_running(module: str) -> list[int]:
     """Pids of this process's children whose command line contains ``module``."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == os.getpid() and module in cmd:
-            out.append(int(d.name))
-    return out
+    me = os.getpid()
+    return [p for p in descendants(me) if parent_of(p) == me and module in cmdline(p)]
 
 
 def test_run_training_killed_child_is_retryable(run_config, tmp_path):
