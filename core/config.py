@@ -28,7 +28,9 @@ from core.names import is_safe_name
 from core.secretkeys import WHERE_INSTEAD, describe, find_secrets, value_problem
 
 # The practice of the LoRA-vs-full-fine-tuning article this project grew from (README): every attention projection plus the MLP, r = 8, alpha = 2r.
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The default lora.target_modules: every attention and MLP projection of the model's family
+# (core/targets.py FAMILY_TARGETS), resolved on the model; "all-linear" takes every linear but the head.
+ATTENTION_MLP = "attention-mlp"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -141,8 +143,9 @@ class LoraConfig(_Strict):
     r: PositiveInt = 8
     alpha: PositiveFloat | None = None  # None: 2r, the article's default (scale 2.0 at any rank)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    target_modules: list[str] | str = ATTENTION_MLP
     exclude_modules: list[str] | str | None = None
+    strict_targets: bool = False  # a listed target name that matches no module: error instead of warning
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)
     rank_pattern: dict[str, PositiveInt] = Field(default_factory=dict)  # module regex/suffix -> r
     alpha_pattern: dict[str, PositiveFloat] = Field(default_factory=dict)
@@ -157,12 +160,16 @@ class LoraConfig(_Strict):
     @classmethod
     def _targets_not_empty(cls, v: list[str] | str) -> list[str] | str:
         if isinstance(v, list) and not v:
-            raise ValueError("is empty: name at least one module (e.g. ['q_proj','v_proj']) or 'all-linear'")
-        if isinstance(v, str) and v != "all-linear":
+            raise ValueError(
+                f"is empty: name at least one module (e.g. ['q_proj','v_proj']), or leave it unset for {ATTENTION_MLP!r}"
+            )
+        if isinstance(v, str) and v not in ("all-linear", ATTENTION_MLP):
             try:
                 re.compile(v)
             except re.error as e:
-                raise ValueError(f"is not a valid regex ({e}); use a list of names or 'all-linear'") from e
+                raise ValueError(
+                    f"is not a valid regex ({e}); use a list of names, 'all-linear' or {ATTENTION_MLP!r}"
+                ) from e
         return v
 
 

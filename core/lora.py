@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from core.config import LoraConfig
+from core.targets import choose_targets, matches, pattern_value
 
 log = logging.getLogger(__name__)
 
@@ -259,62 +259,6 @@ class _LoRALinearFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
-
-
-def _matches(name: str, spec: list[str] | str) -> bool:
-    """PEFT's rule: a list matches a name exactly or as a ``.suffix``; a string is a regex fullmatch."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def _pattern_value(name: str, pattern: dict[str, int] | dict[str, float]) -> int | float | None:
-    # PEFT's rank_pattern/alpha_pattern keys match a module path suffix as a regex.
-    for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?(?:{key})", name):  # grouped like PEFT: "q_proj|v_proj" works
-            return value
-    return None
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
-
-
-def find_targets(
-    model: nn.Module, target_modules: list[str] | str, exclude_modules: list[str] | str | None = None
-) -> list[str]:
-    """Names of the linear modules that LoRA adapts.
-
-    Args:
-        model: any torch model.
-        target_modules: list (exact name or ``.suffix``), regex string (fullmatch), or ``"all-linear"``
-            (every linear layer except the output head).
-        exclude_modules: removed from the selection, with the same matching rules.
-
-    Raises:
-        ValueError: nothing matched; the message names up to 10 candidate linear modules.
-    """
-    linear = [n for n, m in model.named_modules() if _is_linear(m)]
-    if target_modules == "all-linear":
-        heads = _output_head_names(model)
-        chosen = [n for n in linear if n not in heads]
-    else:
-        chosen = [n for n in linear if _matches(n, target_modules)]
-    if exclude_modules:
-        chosen = [n for n in chosen if not _matches(n, exclude_modules)]
-    if not chosen:
-        suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))[:10]
-        raise ValueError(
-            f"lora.target_modules={target_modules!r} (exclude={exclude_modules!r}) matched no linear module. "
-            f"Linear modules in this model end in: {suffixes} (e.g. {linear[:1]}); "
-            "use one of those names, a regex, or 'all-linear'"
-        )
-    return chosen
-
-
 @dataclass
 class InjectionReport:
     """What inject_lora changed: adapted modules, and trainable vs total parameter counts."""
@@ -324,6 +268,7 @@ class InjectionReport:
     trainable: int
     total: int
     ranks: dict[str, int] = field(default_factory=dict)
+    rule: str = ""  # how the targets were chosen (core.targets.TargetSelection.rule)
 
     @property
     def trainable_share(self) -> float:
@@ -364,9 +309,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def rank_and_alpha(name: str, cfg: LoraConfig) -> tuple[int, float]:
     """The rank and alpha of module ``name`` under ``cfg`` (rank_pattern/alpha_pattern, then r/alpha)."""
-    r = int(_pattern_value(name, cfg.rank_pattern) or cfg.r)
+    r = int(pattern_value(name, cfg.rank_pattern) or cfg.r)
     return r, float(
-        _pattern_value(name, cfg.alpha_pattern) or (cfg.alpha if cfg.alpha is not None else 2 * r)
+        pattern_value(name, cfg.alpha_pattern) or (cfg.alpha if cfg.alpha is not None else 2 * r)
     )
 
 
@@ -378,7 +323,8 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:
     """
     if any(True for _ in lora_modules(model)):
         raise ValueError("model already has LoRA adapters; merge_and_unload() it or reload the base model")
-    targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
+    selection = choose_targets(model, cfg)
+    targets = selection.names
     ranks: dict[str, int] = {}
     lora_params = 0
     for name in targets:
@@ -395,7 +341,7 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:
     for name in modules_to_save_names(model, cfg.modules_to_save):
         model.get_submodule(name).requires_grad_(True)
     trainable, total = count_parameters(model)
-    report = InjectionReport(targets, lora_params, trainable, total, ranks)
+    report = InjectionReport(targets, lora_params, trainable, total, ranks, selection.rule)
     log.info(report.summary())
     return report
 
@@ -404,7 +350,7 @@ def modules_to_save_names(model: nn.Module, names: list[str]) -> list[str]:
     """Resolve ``modules_to_save`` entries (exact or ``.suffix``) to module paths; unknown names raise."""
     if not names:
         return []
-    found = [n for n, _ in model.named_modules() if n and _matches(n, names)]
+    found = [n for n, _ in model.named_modules() if n and matches(n, names)]
     missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
     if missing:
         raise ValueError(f"lora.modules_to_save names {missing} match no module in the model")

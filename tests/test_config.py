@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.config import (
-    DEFAULT_TARGETS,
+    ATTENTION_MLP,
     ConfigError,
     RunConfig,
     apply_overrides,
@@ -31,7 +31,7 @@ def test_defaults_load():
     assert isinstance(cfg, RunConfig)
     assert cfg.method == "lora"
     assert cfg.lora.r == 8
-    assert cfg.lora.target_modules == DEFAULT_TARGETS
+    assert cfg.lora.target_modules == ATTENTION_MLP
     assert cfg.train.lr == 2e-4
     assert cfg.zero_stage == 0  # derived: lora defaults to no ZeRO
     assert cfg.micro_batch_size == 8

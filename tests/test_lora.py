@@ -13,13 +13,13 @@ from core.config import LoraConfig
 from core.lora import (
     LoRALinear,
     disable_adapters,
-    find_targets,
     inject_lora,
     lora_modules,
     merge_adapters,
     merge_and_unload,
     unmerge_adapters,
 )
+from core.targets import find_targets
 from tests.conftest import tiny_llama
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -358,9 +358,9 @@ def test_targets_by_regex_fullmatch(model):
 
 
 def test_partial_regex_does_not_match(model):
-    with pytest.raises(ValueError, match="matched no linear module"):
+    with pytest.raises(ValueError, match="selects no module"):
         find_targets(model, "q_proj")  # a string is a regex fullmatch, not a search
-    with pytest.raises(ValueError, match="matched no linear module"):
+    with pytest.raises(ValueError, match="selects no module"):
         find_targets(model, r"model\.layers\.0")
 
 
@@ -389,15 +389,16 @@ def test_no_match_names_candidates(model):
         find_targets(model, ["query_key_value"])
     msg = str(exc.value)
     assert "query_key_value" in msg
-    for leaf in ("q_proj", "down_proj", "lm_head"):
+    for leaf in ("q_proj", "down_proj"):
         assert leaf in msg
+    assert "'lm_head'" not in msg  # the head is no suggestion: no default would adapt it
     with pytest.raises(ValueError, match="q_proj"):
         inject_lora(model, LoraConfig(target_modules=["c_attn"]))
     assert not any(True for _ in lora_modules(model))  # nothing was injected
 
 
 def test_exclude_everything_raises(model):
-    with pytest.raises(ValueError, match="matched no linear module"):
+    with pytest.raises(ValueError, match="selects no module"):
         find_targets(model, ["q_proj"], exclude_modules=["q_proj"])
 
 
