@@ -71,6 +71,8 @@ def version_metadata(
     }
     t = stages["train"]
     meta["train"] = {k: t[k] for k in ("steps", "final_loss", "trainable_share", "wall_time_s") if k in t}
+    if "adapters" in t:
+        meta["adapters"] = t["adapters"]
     ev = stages.get("eval")
     if ev is not None:
         meta["eval"] = {

@@ -47,7 +47,16 @@ FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
     "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "qwen2_moe": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "deepseek_v3": ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "deepseek_v3": (
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ),
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused q|k|v and gate|up
     "gpt2": ("c_attn", "c_proj", "c_fc"),  # transformers Conv1D: weights stored (in, out)
@@ -117,8 +126,17 @@ class TargetSelection:
     unmatched: list[str] = field(default_factory=list)
 
     @property
-    def suffixes(self) -> list[str]:
-        return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in self.names))
+    def kinds(self) -> dict[str, int]:
+        return count_kinds(self.names)
+
+
+def count_kinds(names: list[str]) -> dict[str, int]:
+    """How many modules of each kind (last path segment: ``q_proj``, ``c_attn``) ``names`` holds."""
+    kinds: dict[str, int] = {}
+    for name in names:
+        kind = name.rsplit(".", 1)[-1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 class TargetError(ValueError):

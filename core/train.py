@@ -54,11 +54,12 @@ from core.config import RunConfig
 from core.data import collate, load_split
 from core.errors import is_retryable
 from core.fsutil import atomic_write, writing_dir
-from core.lora import count_parameters, inject_lora
+from core.lora import InjectionReport, count_parameters, inject_lora
 from core.modeling import load_model, load_tokenizer, pick_device, resolve_source
 from core.run import RunDir, data_fingerprint, training_fingerprint
 from core.schedule import lr_factor, step_rows, total_steps
 from core.startup import TRAINING, mark
+from core.targets import count_kinds
 from core.trackers import Trackers
 
 log = logging.getLogger(__name__)
@@ -377,6 +378,7 @@ class Session:
     tokens: int = 0
     last_loss: float = math.nan
     trackers: Trackers | None = None  # rank 0's report_to trackers (core.trackers), while the loop runs
+    adapters: InjectionReport | None = None  # lora/qlora: the modules adapted and the rule that chose them
 
     @property
     def start(self) -> int:
@@ -472,7 +474,7 @@ def setup(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> Sessio
     source = resolve_source(cfg.model.name_or_path, storage_options=cfg.model.storage_options)
     tokenizer = load_tokenizer(cfg.model)
     ds_config = deepspeed_config(cfg, precision) if use_ds else None
-    model = _build_model(cfg, source, device, ds_config)
+    model, adapters = _build_model(cfg, source, device, ds_config)
     trainable, n_total = count_parameters(model)
     model.train()
     backend: _Backend
@@ -497,6 +499,7 @@ def setup(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> Sessio
         trainable=trainable,
         n_total=n_total,
         damaged=[c.path for c in damaged],
+        adapters=adapters,
     )
     mark(rd, env.rank, "resuming", f"loading checkpoint {resume.path}" if resume else "no checkpoint")
     _load_resume_point(s, resume)
@@ -652,6 +655,8 @@ def finish(s: Session) -> TrainResult:
         "fingerprint": s.fingerprint,
         "data_fingerprint": s.data_fp,
     }
+    if s.adapters is not None:  # what was adapted, not what was asked for (README, "Model families")
+        summary["adapters"] = adapter_record(s.adapters)
     if env.is_main:
         rd.write_json(rd.summary, summary)
         log.info("training done: %s", json.dumps(summary))
@@ -660,6 +665,20 @@ def finish(s: Session) -> TrainResult:
         else:
             ckpt.remove(s.damaged)  # the finished output is their successor
     return TrainResult(out, summary)
+
+
+def adapter_record(report: InjectionReport) -> dict[str, Any]:
+    """The adapted modules for train_summary.json and the manifest: the rule that chose them, how many
+    of each kind, every path, and the ranks where rank_pattern made them differ."""
+    record: dict[str, Any] = {
+        "rule": report.rule,
+        "count": len(report.targets),
+        "kinds": count_kinds(report.targets),
+    }
+    if len(set(report.ranks.values())) > 1:
+        record["ranks"] = dict(report.ranks)
+    record["modules"] = list(report.targets)
+    return record
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -683,7 +702,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
-def _build_model(cfg: RunConfig, source: str, device: torch.device, ds_config: dict | None) -> nn.Module:
+def _build_model(
+    cfg: RunConfig, source: str, device: torch.device, ds_config: dict | None
+) -> tuple[nn.Module, InjectionReport | None]:
     if ds_config and ds_config["zero_optimization"].get("stage") == 3 and cfg.method == "full":
         # Keeps from_pretrained partitioning weights as they load (zero.Init), so a model larger than
         # one device's memory can be loaded at all. Must stay referenced while loading.
@@ -699,9 +720,8 @@ def _build_model(cfg: RunConfig, source: str, device: torch.device, ds_config: d
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full":
             model.enable_input_require_grads()  # the frozen embeddings' output must carry grad
-    if cfg.method != "full":
-        inject_lora(model, cfg.lora)  # adapters are created on their base weight's device
-    return model
+    report = inject_lora(model, cfg.lora) if cfg.method != "full" else None  # on their base weight's device
+    return model, report
 
 
 def _save_final(backend: _Backend, cfg: RunConfig, rd: RunDir, tokenizer) -> Path:

@@ -101,6 +101,21 @@ def _parser() -> argparse.ArgumentParser:
         ],
     )
     _config_arg(show)
+    check = command(
+        sub,
+        "check",
+        "check a run config against its model's architecture, without training",
+        "Load a run config (default: the bundled demo), build its model from config.json on the meta "
+        "device (no weights are loaded) and check what the train stage would hit minutes later: which "
+        "modules LoRA adapts (printed with the rule that chose them), target names that match "
+        "nothing, ranks, and the layers 4-bit quantization cannot take. `deltatune run` runs the same "
+        "check before it prepares any data. Exit status 2 when the config does not fit the model.",
+        [
+            "deltatune check deploy/runs/llama3-8b-qlora-gpu.yaml",
+            "deltatune check --set model.name_or_path=microsoft/Phi-3-mini-4k-instruct --set lora.strict_targets=true",
+        ],
+    )
+    _config_arg(check)
     tiny = command(
         sub,
         "make-tiny-model",
@@ -148,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cmd == "show-config":
         print(to_yaml(cfg), end="")
+        return 0
+    if args.cmd == "check":
+        from core.preflight import PreflightError, preflight
+
+        try:
+            print(json.dumps(preflight(cfg), indent=2))
+        except PreflightError as e:
+            print(f"deltatune: {e}", file=sys.stderr)
+            return 2
         return 0
     api = PrefectAPI.start()  # boots while the flow's code (torch, transformers, ...) is imported
     try:

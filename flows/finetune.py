@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from core.config import load_config
 from core.launch import node_rank
+from core.preflight import preflight
 from core.publish import still_published, version_metadata, version_sources
 from core.run import RunDir
 from core.secretkeys import ConfigRef, Override
@@ -55,6 +56,9 @@ def finetune(
     node = node_rank(cfg) if cfg.train.num_nodes > 1 else 0
     if cfg.publish.enabled and node == 0:  # an unreachable store fails the run now, not after training
         check_store(cfg.publish.store, cfg.publish.storage_options)
+    # Targets, ranks and 4-bit shapes against the model's architecture (meta device, no weights): a
+    # config that does not fit fails here in seconds, before prepare and the launch (core/preflight.py).
+    preflight(cfg)
     keys = stage_keys(cfg, node=node)
     stage = Stages(cfg.cache, refresh=refresh, run_name=cfg.name)  # task runs named train-<run>, ...
     run_dir = str(rd.path)

@@ -1,0 +1,124 @@
+"""Check a run config against its model's architecture before any data is prepared or weights load.
+
+report = preflight(cfg)     # seconds: the model is built from its config on the meta device
+report["adapters"]          # the modules LoRA will adapt and the rule that chose them
+
+The model comes from ``config.json`` alone (``AutoModelForCausalLM.from_config`` under
+``torch.device("meta")``: shapes, no storage), so a target that matches nothing, a rank pattern that
+names no target or a layer 4-bit quantization cannot take fails before prepare and launch, not minutes
+into the train stage of a 7B model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.config import RunConfig
+from core.errors import DeltatuneError
+from core.targets import TargetError, choose_targets, is_conv1d, model_type, pattern_value
+
+log = logging.getLogger(__name__)
+
+
+class PreflightError(DeltatuneError, ValueError):
+    """The run config does not fit its model; the same config fails the same way again."""
+
+    retryable = False
+
+
+def meta_model(cfg: RunConfig, source: str | None = None) -> nn.Module:
+    """The model of ``cfg.model`` with every tensor on the meta device (built from its config only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from core.modeling import resolve_source
+
+    src = source or resolve_source(cfg.model.name_or_path, storage_options=cfg.model.storage_options)
+    config = AutoConfig.from_pretrained(
+        src, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if is_conv1d(module):  # weight (in, out)
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def check_model(cfg: RunConfig, model: nn.Module, *, device_type: str = "cpu") -> dict[str, Any]:
+    """Every check that needs only the model's architecture; returns what the run will adapt.
+
+    Args:
+        device_type: where training will run ("cpu" or "cuda"): 4-bit layouts differ by backend.
+
+    Raises:
+        PreflightError: every problem found, in one message, each with what to change in the config.
+    """
+    report: dict[str, Any] = {"model_type": model_type(model), "method": cfg.method}
+    if cfg.method == "full":
+        return report
+    problems: list[str] = []
+    lora = cfg.lora
+    try:
+        sel = choose_targets(model, lora)
+    except TargetError as e:
+        raise PreflightError(str(e)) from None
+    modules = {name: model.get_submodule(name) for name in sel.names}
+    kinds = sel.kinds
+    report["adapters"] = {
+        "rule": sel.rule,
+        "count": len(sel.names),
+        "kinds": kinds,
+        "unmatched": sel.unmatched,
+    }
+
+    for key in lora.rank_pattern.keys() | lora.alpha_pattern.keys():
+        if not any(pattern_value(n, {key: 1}) for n in sel.names):
+            problems.append(
+                f"lora.rank_pattern/alpha_pattern key {key!r} matches none of the adapted modules "
+                f"(they end in {list(kinds)}); use one of those names or a regex over their paths"
+            )
+    too_big = []
+    for name, m in modules.items():
+        r = int(pattern_value(name, lora.rank_pattern) or lora.r)
+        if r > min(_in_out(m)):
+            too_big.append(f"{name} (r={r}, in/out={_in_out(m)})")
+    if too_big:
+        # B·A of rank r cannot exceed min(in, out): the extra rank only costs memory and a smaller
+        # effective scale (alpha/r).
+        problems.append(
+            f"LoRA rank exceeds a layer's smaller dimension on {len(too_big)} module(s), e.g. {too_big[:3]}; "
+            "lower lora.r (or that module's lora.rank_pattern entry) to at most min(in, out)"
+        )
+    if lora.modules_to_save:
+        from core.lora import modules_to_save_names
+
+        try:
+            modules_to_save_names(model, lora.modules_to_save)
+        except ValueError as e:
+            problems.append(f"{e}; use module names of this model (e.g. 'lm_head', 'embed_tokens')")
+    if cfg.method == "qlora":
+        from core.quant import quantization_problems
+
+        problems += quantization_problems(model, cfg.quant, device_type)
+    if problems:
+        raise PreflightError(
+            f"run config does not fit model {cfg.model.name_or_path} ({report['model_type']}):\n- "
+            + "\n- ".join(problems)
+        )
+    return report
+
+
+def preflight(cfg: RunConfig, source: str | None = None) -> dict[str, Any]:
+    """:func:`check_model` on :func:`meta_model`, for the device training will use; logs the outcome."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    report = check_model(cfg, meta_model(cfg, source), device_type=device_type)
+    if "adapters" in report:
+        a = report["adapters"]
+        log.info("preflight: %s adapts %d modules %s (%s)", cfg.method, a["count"], a["kinds"], a["rule"])
+    return report
