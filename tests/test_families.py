@@ -161,3 +161,41 @@ def test_preflight_refuses_ranks_patterns_and_4bit_shapes(run_config):
     # in_features 64 and 128: blocksize 128 does not divide the attention inputs on CPU
     with pytest.raises(PreflightError, match="quant.skip_modules|quant.blocksize"):
         check_model(run_config("method=qlora", "quant.blocksize=128"), model, device_type="cpu")
+
+
+def test_a_config_that_does_not_fit_fails_before_prepare_runs(prefect_harness, run_config, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from core.config import to_yaml
+    from flows.finetune import finetune
+
+    cfg = run_config("name=preflight", "lora.target_modules=[c_attn]", "lora.strict_targets=true")
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(cfg))
+    state = finetune(config=str(path), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(PreflightError, match="c_attn"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert runs == []  # prepare never ran, nor anything after it
+    assert not (tmp_path / "cache").exists()  # no data was tokenized
+
+
+def test_the_summary_and_manifest_record_the_modules_adapted(prefect_harness, run_config, tmp_path):
+    import json
+    from pathlib import Path
+
+    from tests.test_flow import run_flow
+
+    cfg = run_config("name=adapted", "train.max_steps=2", "lora.target_modules=[q_proj,v_proj,nope]")
+    result = run_flow(cfg, tmp_path)
+    record = result["train"]["adapters"]
+    assert record["kinds"] == {"q_proj": 2, "v_proj": 2}
+    assert record["modules"] == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert json.loads((cfg.run_dir / "train_summary.json").read_text())["adapters"] == record
+    manifest = json.loads(Path(result["publish"]["uri"], "manifest.json").read_text())
+    assert manifest["metadata"]["adapters"] == record
