@@ -199,3 +199,15 @@ def test_the_summary_and_manifest_record_the_modules_adapted(prefect_harness, ru
     assert json.loads((cfg.run_dir / "train_summary.json").read_text())["adapters"] == record
     manifest = json.loads(Path(result["publish"]["uri"], "manifest.json").read_text())
     assert manifest["metadata"]["adapters"] == record
+
+
+def test_the_readme_table_names_every_family_in_the_target_table():
+    import re
+    from pathlib import Path
+
+    from core.targets import FAMILY_TARGETS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- families-table -->", 1)[1].split("\n\n", 1)[0]
+    families = {f.strip() for row in table.strip().splitlines()[2:] for f in row.split("|")[1].split(",")}
+    assert set(FAMILY_TARGETS) <= families, sorted(set(FAMILY_TARGETS) - families)
