@@ -19,6 +19,7 @@ from core.config import LoraConfig
 from core.errors import DeltatuneError
 from core.fsutil import writing_dir
 from core.lora import inject_lora, lora_modules, modules_to_save_names, rank_and_alpha
+from core.lora_init import as_plain_lora, initial_factors
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,9 @@ def save_adapter(
     sd = state_dict if state_dict is not None else adapter_state_dict(model, cfg.modules_to_save)
     expected = [f"{PREFIX}{n}.lora_{ab}.weight" for n in targets for ab in "AB"]
     check_adapter_tensors(sd, expected, require_trained=require_trained)
+    conf = peft_config_dict(cfg, base_model, targets)
+    # PiSSA/OLoRA: the factors apply to the residual base; publish them as a plain LoRA on the original W.
+    sd, conf = as_plain_lora(sd, conf, dict(lora_modules(model)), PREFIX) if has_initial_factors(model) else (sd, conf)
     with writing_dir(out_dir) as tmp:
         # Tied weights (embed_tokens and lm_head both in modules_to_save) share one storage, which
         # safetensors refuses: every tensor after the first on a storage is written as a copy.
@@ -173,9 +177,14 @@ def save_adapter(
             seen.add(ptr)
         sd = own
         save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config_dict(cfg, base_model, targets), indent=2))
+        (tmp / CONFIG_NAME).write_text(json.dumps(conf, indent=2))
     log.info("saved adapter: %d tensors to %s", len(sd), out_dir)
     return out_dir
+
+
+def has_initial_factors(model: nn.Module) -> bool:
+    """Whether the model's adapters were initialised by PiSSA/OLoRA (core/lora_init.py)."""
+    return any(initial_factors(m) is not None for _, m in lora_modules(model))
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:

@@ -151,6 +151,8 @@ class LoraConfig(_Strict):
     alpha_pattern: dict[str, PositiveFloat] = Field(default_factory=dict)
     modules_to_save: list[str] = Field(default_factory=list)  # fully trained, saved with the adapter
     lr_ratio_b: PositiveFloat | None = None  # LoRA+ (Hayou et al. 2024): lr(B) = ratio * lr(A)
+    # kaiming (A Kaiming-uniform, B = 0), pissa, pissa_niter_<n> (fast SVD) or olora (core/lora_init.py)
+    init_lora_weights: str = Field("kaiming", pattern=r"^(kaiming|pissa|pissa_niter_[1-9][0-9]*|olora)$")
 
     @property
     def lora_alpha(self) -> float:
@@ -453,6 +455,11 @@ class RunConfig(_Strict):
         t = self.train
         if self.method == "full" and self.lora.modules_to_save:
             problems.append("lora.modules_to_save is set but method is 'full' (every module trains already)")
+        if self.method == "qlora" and self.lora.init_lora_weights != "kaiming":
+            problems.append(
+                f"lora.init_lora_weights={self.lora.init_lora_weights} with method 'qlora': PiSSA/OLoRA change "
+                "the base weights, which are 4-bit here; use method 'lora', or lora.init_lora_weights: kaiming"
+            )
         if self.method == "qlora" and t.zero_stage == 3:
             problems.append(
                 "train.zero_stage=3 with method 'qlora': ZeRO-3 cannot partition bitsandbytes 4-bit weights; "

@@ -19,6 +19,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from core.config import LoraConfig
+from core.lora_init import KAIMING, initialize
 from core.targets import choose_targets, matches, pattern_value
 
 log = logging.getLogger(__name__)
@@ -333,6 +334,11 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:
         _set_submodule(model, name, LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora))
         ranks[name] = r
         lora_params += r * (base.in_features + base.out_features)  # A: r×k, B: d×r
+    if cfg.init_lora_weights != KAIMING:  # PiSSA/OLoRA: factors from W, W <- W - s·B·A
+        with torch.no_grad():
+            for _, m in lora_modules(model):
+                initialize(m, cfg.init_lora_weights)
+        log.info("LoRA factors initialised by %s; the base weights hold the residual", cfg.init_lora_weights)
     for p in model.parameters():
         p.requires_grad_(False)
     for _, m in lora_modules(model):

@@ -27,7 +27,6 @@ from core.targets import is_conv1d
 
 KAIMING = "kaiming"  # A Kaiming-uniform, B = 0 (loralib, PEFT's init_lora_weights=True)
 _NITER = re.compile(r"pissa_niter_(\d+)")
-INIT_PATTERN = rf"^({KAIMING}|pissa|pissa_niter_\d+|olora)$"
 
 
 def _dense(base: nn.Module) -> torch.Tensor:
@@ -69,7 +68,9 @@ def initialize(layer: nn.Module, how: str) -> None:
         root = torch.sqrt(sv / s)  # s·B·A = U_r·S_r·V_rᵀ, the factors split evenly
         a, b = root[:, None] * vh, u * root[None, :]  # (r, in), (out, r)
     else:
-        raise ValueError(f"lora.init_lora_weights={how!r}: expected {KAIMING}, pissa, pissa_niter_<n> or olora")
+        raise ValueError(
+            f"lora.init_lora_weights={how!r}: expected {KAIMING}, pissa, pissa_niter_<n> or olora"
+        )
     layer.lora_A.weight.copy_(a.to(layer.lora_A.weight.dtype))
     layer.lora_B.weight.copy_(b.to(layer.lora_B.weight.dtype))
     # The residual from the factors as they are stored (their dtype), so base + s·B·A is W to rounding.

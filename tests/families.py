@@ -23,7 +23,15 @@ _FAMILY = {
     "qwen2": {},  # q/k/v with biases
     "mistral": {"sliding_window": None},  # grouped-query attention (2 KV heads for 4 query heads)
     "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},  # fused qkv_proj and gate_up_proj
-    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 256, "n_positions": 64, "bos_token_id": 1, "eos_token_id": 2},  # Conv1D, tied head
+    "gpt2": {
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_inner": 256,
+        "n_positions": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },  # Conv1D, tied head
     "gemma": {},  # tied head, GeGLU MLP
     # Checked on the meta device only (their module names):
     "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},

@@ -195,7 +195,9 @@ def test_the_summary_and_manifest_record_the_modules_adapted(prefect_harness, ru
     result = run_flow(cfg, tmp_path)
     record = result["train"]["adapters"]
     assert record["kinds"] == {"q_proj": 2, "v_proj": 2}
-    assert record["modules"] == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert record["modules"] == [
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    ]
     assert json.loads((cfg.run_dir / "train_summary.json").read_text())["adapters"] == record
     manifest = json.loads(Path(result["publish"]["uri"], "manifest.json").read_text())
     assert manifest["metadata"]["adapters"] == record

@@ -37,7 +37,9 @@ def test_pissa_takes_the_principal_singular_directions():
     top = (u[:, :4] * s[:4]) @ vh[:4]
     torch.testing.assert_close(layer.delta_weight(), top, atol=1e-5, rtol=1e-5)  # s·B·A = U_r S_r V_rᵀ
     # the residual holds the rest of the spectrum: its largest singular value is W's (r+1)-th
-    assert torch.linalg.svdvals(layer.base_layer.weight.detach())[0].item() == pytest.approx(s[4].item(), rel=1e-4)
+    assert torch.linalg.svdvals(layer.base_layer.weight.detach())[0].item() == pytest.approx(
+        s[4].item(), rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("how", ["pissa", "olora"])
@@ -48,7 +50,9 @@ def test_factors_equal_pefts(how):
     ours = LoRALinear(nn.Linear(48, 32), r=4, alpha=8)
     ours.base_layer.load_state_dict(net[0].state_dict())
     initialize(ours, how)
-    pm = peft.get_peft_model(net, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=how))
+    pm = peft.get_peft_model(
+        net, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=how)
+    )
     theirs = pm.base_model.model[0]
     torch.testing.assert_close(ours.lora_A.weight, theirs.lora_A["default"].weight)
     torch.testing.assert_close(ours.lora_B.weight, theirs.lora_B["default"].weight)
@@ -97,3 +101,55 @@ def test_quantized_base_is_refused_with_the_config_remedy():
     layer.base_layer.weight = nn.Parameter(torch.zeros(32, 48, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(TypeError, match="lora.init_lora_weights: kaiming"):
         initialize(layer, "pissa")
+
+
+@pytest.mark.parametrize("how", INITS)
+def test_a_trained_pissa_olora_model_publishes_an_adapter_for_the_original_base(how, tmp_path):
+    peft = pytest.importorskip("peft")
+    from core.adapter import load_adapter, read_adapter_config, save_adapter
+    from core.config import LoraConfig
+    from core.lora import inject_lora, merge_and_unload
+    from tests.conftest import tiny_llama
+
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama()
+    with torch.no_grad():
+        before = model(ids).logits
+    cfg = LoraConfig(r=4, init_lora_weights=how)
+    inject_lora(model, cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-4, rtol=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(
+        n.endswith(("lora_A.weight", "lora_B.weight")) for n, p in model.named_parameters() if p.requires_grad
+    )
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        tuned = model(ids).logits
+    out = save_adapter(model, tmp_path / "adapter", cfg, base_model="tiny")
+    conf = read_adapter_config(out)
+    assert (conf["r"], conf["lora_alpha"], conf["init_lora_weights"]) == (8, 16.0, True)
+
+    ours = tiny_llama()  # the original base weights, as the merge stage and evaluation load them
+    load_adapter(ours, out)
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, tuned, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pm(ids).logits, tuned, atol=1e-4, rtol=1e-4)
+        merged = merge_and_unload(ours)
+        torch.testing.assert_close(merged(ids).logits, tuned, atol=1e-4, rtol=1e-4)
+
+
+def test_pissa_with_qlora_is_a_config_error():
+    from core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="init_lora_weights"):
+        load_config(overrides=["method=qlora", "lora.init_lora_weights=pissa"])
+    with pytest.raises(ConfigError, match="init_lora_weights"):
+        load_config(overrides=["lora.init_lora_weights=svd"])
