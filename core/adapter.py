@@ -93,8 +93,15 @@ def _alpha_pattern(cfg: LoraConfig) -> dict[str, float]:
     return out
 
 
-def peft_config_dict(cfg: LoraConfig, base_model: str, targets: list[str]) -> dict[str, Any]:
-    """adapter_config.json in the schema PEFT writes and reads."""
+def peft_config_dict(
+    cfg: LoraConfig, base_model: str, targets: list[str], *, fan_in_fan_out: bool = False
+) -> dict[str, Any]:
+    """adapter_config.json in the schema PEFT writes and reads.
+
+    ``fan_in_fan_out``: some adapted base stores its weight (in, out), GPT-2's Conv1D (also when it was
+    quantized to 4-bit, see core.quant). PEFT sets it per layer type on load anyway (peft/tuners/lora/
+    model.py ``_create_new_module`` warns and forces it for Conv1D), but it writes true for GPT-2.
+    """
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -110,22 +117,27 @@ def peft_config_dict(cfg: LoraConfig, base_model: str, targets: list[str]) -> di
         "alpha_pattern": _alpha_pattern(cfg),
         "modules_to_save": list(cfg.modules_to_save) or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
 
 
 def lora_config_from_peft(d: dict[str, Any]) -> LoraConfig:
-    """Read a PEFT adapter_config.json back into our LoraConfig (LoRA without DoRA/bias only)."""
+    """Read a PEFT adapter_config.json back into our LoraConfig (LoRA and DoRA, no trained biases).
+
+    ``fan_in_fan_out`` is accepted either way: the layout follows each layer's type (Conv1D or Linear),
+    as PEFT decides it, and lora_A/lora_B are (r, in)/(out, r) in both.
+    """
     if d.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter peft_type is {d.get('peft_type')!r}; only LORA adapters are supported")
-    if d.get("use_dora") or d.get("bias", "none") != "none" or d.get("fan_in_fan_out"):
+    if d.get("bias", "none") != "none":
         raise AdapterError(
-            "adapter uses DoRA, trained biases or fan_in_fan_out, which deltatune does not load"
+            f"adapter trains biases (bias={d.get('bias')!r}), which deltatune does not load; "
+            "retrain it with bias 'none'"
         )
     # A field the file leaves out takes PEFT's LoraConfig default (r=8, lora_alpha=8), as PeftModel
     # would read the same file; our own default alpha = 2r applies to configs we write, never here.
@@ -139,6 +151,7 @@ def lora_config_from_peft(d: dict[str, Any]) -> LoraConfig:
         rank_pattern=d.get("rank_pattern") or {},
         alpha_pattern=d.get("alpha_pattern") or {},
         modules_to_save=d.get("modules_to_save") or [],
+        use_dora=bool(d.get("use_dora", False)),
     )
 
 
@@ -163,7 +176,7 @@ def save_adapter(
     sd = state_dict if state_dict is not None else adapter_state_dict(model, cfg.modules_to_save)
     expected = [f"{PREFIX}{n}.lora_{ab}.weight" for n in targets for ab in "AB"]
     check_adapter_tensors(sd, expected, require_trained=require_trained)
-    conf = peft_config_dict(cfg, base_model, targets)
+    conf = peft_config_dict(cfg, base_model, targets, fan_in_fan_out=_any_fan_in_fan_out(model))
     # PiSSA/OLoRA: the factors apply to the residual base; publish them as a plain LoRA on the original W.
     sd, conf = as_plain_lora(sd, conf, dict(lora_modules(model)), PREFIX) if has_initial_factors(model) else (sd, conf)
     with writing_dir(out_dir) as tmp:
@@ -180,6 +193,11 @@ def save_adapter(
         (tmp / CONFIG_NAME).write_text(json.dumps(conf, indent=2))
     log.info("saved adapter: %d tensors to %s", len(sd), out_dir)
     return out_dir
+
+
+def _any_fan_in_fan_out(model: nn.Module) -> bool:
+    """Some adapted base is a Conv1D, or a 4-bit layer quantized from one (``from_conv1d``)."""
+    return any(m.fan_in_fan_out or getattr(m.base_layer, "from_conv1d", False) for _, m in lora_modules(model))
 
 
 def has_initial_factors(model: nn.Module) -> bool:

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from core.config import LoraConfig
 from core.lora_init import KAIMING, initialize
-from core.targets import choose_targets, matches, pattern_value
+from core.targets import choose_targets, is_conv1d, matches, pattern_value
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update: y = W·x + s·B·A·x.
 
-    ``base_layer`` is an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` (itself an ``nn.Linear``
-    subclass). A is Kaiming-uniform and B is zero, so a fresh adapter leaves outputs unchanged;
+    ``base_layer`` is an ``nn.Linear``, a bitsandbytes ``Linear4bit`` (itself an ``nn.Linear``
+    subclass) or transformers' GPT-2 ``Conv1D``, whose weight is stored (in, out) = (nx, nf) and used as
+    y = x @ W + b (PEFT's ``fan_in_fan_out``): A and B keep the (r, in) / (out, r) layout either way. A is Kaiming-uniform and B is zero, so a fresh adapter leaves outputs unchanged;
     s = alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732).
     Sizes come from ``in_features``/``out_features``: ZeRO-3 shards ``weight`` to shape [0].
     """
@@ -47,8 +48,13 @@ class LoRALinear(nn.Module):
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got r={r}")
         self.base_layer = base_layer
-        self.in_features: int = base_layer.in_features
-        self.out_features: int = base_layer.out_features
+        # Conv1D's weight is (in, out): merges add (B·A)ᵀ, and the fused path takes Wᵀ as a view.
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = int(base_layer.nx), int(base_layer.nf)
+        else:
+            self.in_features: int = base_layer.in_features
+            self.out_features: int = base_layer.out_features
         self.r = r
         self.lora_alpha = float(alpha)
         self.use_rslora = use_rslora
@@ -80,6 +86,8 @@ class LoRALinear(nn.Module):
             base = self.base_layer
             if type(base) is nn.Linear:
                 return _LoRALinearFn.apply(x, base.weight, base.bias, a_w, b_w, self.scaling, None)
+            if self.fan_in_fan_out:  # Conv1D: (in, out) -> (out, in) as a view, no copy
+                return _LoRALinearFn.apply(x, base.weight.t(), base.bias, a_w, b_w, self.scaling, None)
             unpack = partial(base.dequantized_weight, x.dtype)  # a 4-bit base, dequantized on demand
             return _LoRALinearFn.apply(x, None, base.bias, a_w, b_w, self.scaling, unpack)
         out = self.base_layer(x)  # (..., out); called as a module so hooks (ZeRO-3 gathers) run
@@ -110,7 +118,7 @@ class LoRALinear(nn.Module):
         adds the adapter after it.
         """
         base, w = self.base_layer, self.base_layer.weight
-        if type(base) is nn.Linear:
+        if type(base) is nn.Linear or self.fan_in_fan_out:
             w_dtype = w.dtype
         elif callable(getattr(base, "dequantized_weight", None)):
             w_dtype = getattr(base, "compute_dtype", None) or x.dtype
@@ -137,6 +145,10 @@ class LoRALinear(nn.Module):
         """s·B·A, the update this adapter adds to W: (out, r) @ (r, in) -> (out, in)."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def _in_base_layout(self, w: torch.Tensor) -> torch.Tensor:
+        """An (out, in) tensor in the base weight's layout: transposed for Conv1D's (in, out)."""
+        return w.t() if self.fan_in_fan_out else w
+
     def _base_weight(self) -> torch.Tensor:
         w = self.base_layer.weight
         if not w.dtype.is_floating_point:
@@ -151,7 +163,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         w = self._base_weight()
-        new = w.data + self.delta_weight().to(w.dtype)
+        new = w.data + self._in_base_layout(self.delta_weight()).to(w.dtype)
         if not torch.isfinite(new).all():
             raise ValueError("merge would produce non-finite weights; the adapter holds inf/nan, refusing")
         w.data.copy_(new)
@@ -162,7 +174,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         w = self._base_weight()
-        new = w.data - self.delta_weight().to(w.dtype)
+        new = w.data - self._in_base_layout(self.delta_weight()).to(w.dtype)
         if not torch.isfinite(new).all():
             raise ValueError("unmerge would produce non-finite weights, refusing")
         w.data.copy_(new)
@@ -331,9 +343,10 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:
     for name in targets:
         base = model.get_submodule(name)
         r, alpha = rank_and_alpha(name, cfg)
-        _set_submodule(model, name, LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora))
         ranks[name] = r
-        lora_params += r * (base.in_features + base.out_features)  # A: r×k, B: d×r
+        layer = LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora)
+        _set_submodule(model, name, layer)
+        lora_params += r * (layer.in_features + layer.out_features)  # A: r×k, B: d×r
     if cfg.init_lora_weights != KAIMING:  # PiSSA/OLoRA: factors from W, W <- W - s·B·A
         with torch.no_grad():
             for _, m in lora_modules(model):

@@ -14,6 +14,7 @@ from torch import nn
 
 from core.config import QuantConfig
 from core.dtypes import DTYPES
+from core.targets import is_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +148,64 @@ def _quant_state_tensors(qs) -> list[torch.Tensor]:
     return out
 
 
-def _cpu_shape_problems(named: list[tuple[str, nn.Linear]], blocksize: int) -> list[str]:
+_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # QuantConfig.blocksize's allowed values
+
+
+def _in_out(m: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) from attributes only (works on the meta device); Conv1D is (nx, nf)."""
+    return (int(m.nx), int(m.nf)) if is_conv1d(m) else (int(m.in_features), int(m.out_features))
+
+
+def _skipped(name: str, skip: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantizable(model: nn.Module, skip: list[str]) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """(layers quantize_model turns 4-bit, names it keeps): plain ``nn.Linear`` and GPT-2 ``Conv1D``,
+    except the output head and ``skip`` (exact or ``.suffix``). Reads module types only, no weights."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    named, kept = [], []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear and not is_conv1d(m):  # Linear4bit and LoRALinear are left alone
+            continue
+        if m is head or _skipped(name, skip):
+            kept.append(name)
+        else:
+            named.append((name, m))
+    return named, kept
+
+
+def quantization_problems(model: nn.Module, cfg: QuantConfig, device_type: str) -> list[str]:
+    """Why ``quantize_model(model, cfg)`` on ``device_type`` would fail, as messages that say what to
+    change in the config; empty when it fits. Reads only module types and in/out sizes, so ``model``
+    may live on the meta device (a preflight check before any weight is loaded).
+    """
+    named, kept = quantizable(model, cfg.skip_modules)
+    if not named:
+        return [
+            f"4-bit quantization finds no linear layer to quantize (kept in full precision: {kept[:8]}); "
+            "remove names from quant.skip_modules or use method lora"
+        ]
+    if device_type != "cpu":
+        return []
     # bitsandbytes 0.50.2's CPU dequantize_4bit kernel (backends/cpu/ops.py ->
     # cdequantize_blockwise_cpu_*) works row by row: when in_features is not a multiple of the
     # blocksize, blocks straddle rows and (for in_features % 16 == 0) it reads the wrong scale.
     # Measured: 64x64 at blocksize 128 dequantizes with 17-39% relative error, against 9% for NF4.
-    return [f"{name} (in_features={m.in_features})" for name, m in named if m.in_features % blocksize != 0]
+    ins = {name: _in_out(m)[0] for name, m in named}
+    bad = {name: k for name, k in ins.items() if k % cfg.blocksize != 0}
+    if not bad:
+        return []
+    fits = [b for b in _BLOCKSIZES if all(k % b == 0 for k in ins.values())]
+    shown = ", ".join(f"{n} (in_features={k})" for n, k in list(bad.items())[:8]) + (" ..." if len(bad) > 8 else "")
+    remedies = [f"keep them in full precision with quant.skip_modules: {sorted(bad)}"]
+    if fits:
+        remedies.insert(0, f"set quant.blocksize: {max(fits)} (divides every in_features)")
+    remedies.append("or use method lora")
+    return [
+        f"{len(bad)} layer(s) cannot be 4-bit quantized on CPU with quant.blocksize={cfg.blocksize}, which must "
+        f"divide in_features: {shown}; " + "; ".join(remedies)
+    ]
 
 
 def quantize_model(
@@ -162,7 +215,10 @@ def quantize_model(
     device: torch.device | str | None = None,
     skip: list[str] | None = None,
 ) -> QuantReport:
-    """Replace every ``nn.Linear`` except the output head by a 4-bit :class:`QLinear4bit`, in place.
+    """Replace every ``nn.Linear`` and GPT-2 ``Conv1D`` except the output head by a 4-bit
+    :class:`QLinear4bit`, in place. A Conv1D's (in, out) weight is quantized transposed, as (out, in),
+    and the layer gets ``from_conv1d = True``, so LoRA on it keeps PEFT's (r, in)/(out, r) factors and
+    its adapter (``fan_in_fan_out: true``) loads and merges into the full-precision Conv1D model.
 
     Each weight becomes a bitsandbytes ``Params4bit`` quantized on ``device`` (default: CPU), with
     blockwise absmax scales (``cfg.blocksize``), optionally double-quantized. Every parameter of the
@@ -172,49 +228,34 @@ def quantize_model(
         model: a causal LM (``get_output_embeddings()`` names the head that stays in full precision).
         cfg: quant_type nf4|fp4, double_quant, compute_dtype, blocksize.
         device: where the quantized model lives; None keeps it on the CPU.
-        skip: module names (exact or ``.suffix``) that stay ``nn.Linear``.
+        skip: module names (exact or ``.suffix``) kept in full precision, added to ``cfg.skip_modules``.
 
     Raises:
         ImportError: bitsandbytes is missing (the message says how to install it).
         ValueError: on CPU, a layer whose in_features is not a multiple of ``cfg.blocksize``
-            (every such layer is named, with what to change).
+            (every such layer is named, with what to change; see :func:`quantization_problems`).
     """
     _bnb()
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    skip = list(skip or [])
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    named, skipped = [], []
-    for name, m in model.named_modules():
-        if type(m) is not nn.Linear:  # Linear4bit and LoRALinear wrappers are left alone
-            continue
-        if m is head or any(name == s or name.endswith("." + s) for s in skip):
-            skipped.append(name)
-        else:
-            named.append((name, m))
-    if not named:
-        raise ValueError(
-            f"quantize_model found no nn.Linear to quantize (kept: {skipped}); is it quantized already?"
-        )
-    if dev.type == "cpu":
-        bad = _cpu_shape_problems(named, cfg.blocksize)
-        if bad:
-            raise ValueError(
-                f"{len(bad)} linear layer(s) cannot be 4-bit quantized on CPU with quant.blocksize={cfg.blocksize}: "
-                f"{bad[:8]}{' ...' if len(bad) > 8 else ''}. bitsandbytes' CPU kernel needs in_features to be a "
-                f"multiple of the blocksize; use quant.blocksize=64 (or a divisor of every in_features), "
-                f"or keep these layers in full precision: quantize_model(..., skip=[their names])"
-            )
+    if skip:
+        cfg = cfg.model_copy(update={"skip_modules": [*cfg.skip_modules, *skip]})
+    problems = quantization_problems(model, cfg, dev.type)
+    if problems:
+        raise ValueError("; ".join(problems))
+    named, skipped = quantizable(model, cfg.skip_modules)
 
     compute_dtype = DTYPES[cfg.compute_dtype]
     before = packed = stats = 0
     seen: set[int] = set()  # count a storage once, should bitsandbytes ever share code tables
     per_layer: dict[str, tuple[int, int]] = {}
     for name, lin in named:
-        w = lin.weight.data
+        conv1d = is_conv1d(lin)
+        n_in, n_out = _in_out(lin)
+        w = lin.weight.data.t() if conv1d else lin.weight.data  # (out, in)
         before += w.numel() * w.element_size()
         q = QLinear4bit(
-            lin.in_features,
-            lin.out_features,
+            n_in,
+            n_out,
             bias=lin.bias is not None,
             compute_dtype=compute_dtype,
             compress_statistics=cfg.double_quant,
@@ -235,6 +276,7 @@ def quantize_model(
         ).to(dev)
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.to(dev), requires_grad=False)
+        q.from_conv1d = conv1d  # adapter export writes fan_in_fan_out: true (core.adapter)
         q.train(lin.training)
         packed += q.weight.data.untyped_storage().nbytes()
         for t in _quant_state_tensors(q.weight.quant_state):
@@ -244,7 +286,7 @@ def quantize_model(
                 stats += t.untyped_storage().nbytes()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
-        per_layer[name] = (lin.in_features, lin.out_features)
+        per_layer[name] = (n_in, n_out)
 
     for m in model.modules():  # the rest follows to the device; .data keeps tied parameters tied
         if is_4bit_linear(m):
@@ -282,4 +324,12 @@ def dequantize_linear4bit(layer: nn.Module) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(layer.weight.data, _usable_quant_state(layer)).to(torch.float32)
 
 
-__all__ = ["QLinear4bit", "QuantReport", "dequantize_linear4bit", "is_4bit_linear", "quantize_model"]
+__all__ = [
+    "QLinear4bit",
+    "QuantReport",
+    "dequantize_linear4bit",
+    "is_4bit_linear",
+    "quantizable",
+    "quantization_problems",
+    "quantize_model",
+]

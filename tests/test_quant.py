@@ -254,7 +254,7 @@ def test_blocksize_that_cpu_kernel_mishandles_is_a_clear_error(base):
         quantize_model(copy.deepcopy(base), QuantConfig(blocksize=128))
     msg = str(e.value)
     assert "model.layers.0.self_attn.q_proj (in_features=64)" in msg
-    assert "quant.blocksize=64" in msg and "skip" in msg
+    assert "quant.blocksize: 64" in msg and "quant.skip_modules" in msg
     assert "down_proj" not in msg  # in_features=128 is fine
 
 
