@@ -41,6 +41,8 @@ def adapter_params(model: nn.Module, modules_to_save: list[str] | None = None) -
     for name, m in lora_modules(model):
         out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
         out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+        if m.lora_magnitude_vector is not None:  # DoRA: PEFT's save_pretrained writes it without ".weight"
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
     for name in modules_to_save_names(model, modules_to_save or []):
         for pname, p in model.get_submodule(name).named_parameters():
             out[f"{PREFIX}{name}.{pname}"] = p
@@ -175,6 +177,7 @@ def save_adapter(
     targets = [n for n, _ in lora_modules(model)]
     sd = state_dict if state_dict is not None else adapter_state_dict(model, cfg.modules_to_save)
     expected = [f"{PREFIX}{n}.lora_{ab}.weight" for n in targets for ab in "AB"]
+    expected += [f"{PREFIX}{n}.lora_magnitude_vector" for n, m in lora_modules(model) if m.use_dora]
     check_adapter_tensors(sd, expected, require_trained=require_trained)
     conf = peft_config_dict(cfg, base_model, targets, fan_in_fan_out=_any_fan_in_fan_out(model))
     # PiSSA/OLoRA: the factors apply to the residual base; publish them as a plain LoRA on the original W.
@@ -230,10 +233,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
         if m.merged:
             raise AdapterError(f"{name}: the model's adapters are merged; unmerge_adapters(model) first")
         r, alpha = rank_and_alpha(name, cfg)
-        if (m.r, m.lora_alpha, m.use_rslora) != (r, alpha, cfg.use_rslora):
+        if (m.r, m.lora_alpha, m.use_rslora, m.use_dora) != (r, alpha, cfg.use_rslora, cfg.use_dora):
             raise AdapterError(
-                f"{name}: the model's adapter has r={m.r}, alpha={m.lora_alpha:g}, rslora={m.use_rslora} but "
-                f"{adapter_dir} has r={r}, alpha={alpha:g}, rslora={cfg.use_rslora}; load it into a fresh base model"
+                f"{name}: the model's adapter has r={m.r}, alpha={m.lora_alpha:g}, rslora={m.use_rslora}, "
+                f"dora={m.use_dora} but {adapter_dir} has r={r}, alpha={alpha:g}, rslora={cfg.use_rslora}, "
+                f"dora={cfg.use_dora}; load it into a fresh base model"
             )
     params = adapter_params(model, cfg.modules_to_save)
     missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))

@@ -43,6 +43,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if r <= 0:
@@ -71,6 +72,28 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.disabled = False
         self.reset_lora_parameters()
+        # DoRA (Liu et al. 2024, arXiv:2402.09353, eq. 5): a trained magnitude m (out,) per output row,
+        # initialised to ||W||_2 over in (PEFT's DoraLinearLayer.update_layer), so outputs start unchanged.
+        self.use_dora = use_dora
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        self._dora_merge_norm: torch.Tensor | None = None  # ||W + s·B·A|| at merge, for an exact unmerge
+        if use_dora:
+            with torch.no_grad():
+                norm = self._dora_norm(self.base_weight_dense(dtype), None)  # (out,)
+            self.lora_magnitude_vector = nn.Parameter(norm)
+
+    def base_weight_dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight as a dense (out, in) tensor: dequantized for 4-bit, transposed for Conv1D."""
+        base = self.base_layer
+        if callable(getattr(base, "dequantized_weight", None)):
+            return base.dequantized_weight(dtype)
+        return self._in_base_layout(base.weight).to(dtype)
+
+    def _dora_norm(self, w: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """||W + ΔW||_2 per output row (PEFT's get_weight_norm, dim=1 of the (out, in) weight), detached:
+        the paper's sec. 4.3 treats the norm as a constant in backward."""
+        v = w if delta is None else w + delta.to(w.dtype)  # (out, in)
+        return torch.linalg.norm(v, dim=1).detach()  # (out,)
 
     def reset_lora_parameters(self) -> None:
         # Same init as loralib/PEFT: A ~ Kaiming-uniform(a=sqrt(5)), B = 0, so B·A = 0 at step 0.
@@ -82,6 +105,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_w, b_w = self.lora_A.weight, self.lora_B.weight
+        if self.use_dora and not (self.merged or self.disabled):
+            return self._dora_forward(x)
         if not (self.merged or self.disabled) and self._fusable(x):
             base = self.base_layer
             if type(base) is nn.Linear:
@@ -108,6 +133,26 @@ class LoRALinear(nn.Module):
         ):
             return out + (F.linear(F.linear(x, a_w), b_w) * self.scaling).to(out.dtype)
         return _LoRAAddInPlace.apply(out, x, a_w, b_w, self.scaling)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoraLinearLayer.forward, unfused: y = base(x) + (m/||W+sBA|| - 1)·(W·x) + m/||W+sBA||·s·B·A·x.
+
+        W·x is the base output less its bias when there is no dropout (or in eval), else W·dropout(x),
+        as PEFT computes it (peft/tuners/lora/layer.py Linear.forward, dora.py).
+        """
+        out = self.base_layer(x)  # (..., out)
+        a_w, b_w = self.lora_A.weight, self.lora_B.weight
+        dtype = a_w.dtype
+        xd = self.lora_dropout(x.to(dtype))
+        w = self.base_weight_dense(dtype)  # (out, in)
+        scale = self.lora_magnitude_vector / self._dora_norm(w, self.delta_weight().detach())  # (out,)
+        lora = F.linear(F.linear(xd, a_w), b_w) * self.scaling  # (..., in) -> (..., r) -> (..., out)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = out.to(dtype) if bias is None else out.to(dtype) - bias.to(dtype)
+        else:
+            base = F.linear(xd, w)  # (..., out)
+        return out + ((scale - 1) * base + scale * lora).to(out.dtype)
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Base and adapter in one autograd node: a frozen nn.Linear, or a 4-bit base computing in x's
@@ -163,6 +208,17 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         w = self._base_weight()
+        if self.use_dora:  # W' = m/||W + sBA|| · (W + sBA), PEFT's Linear.merge
+            dense = self._in_base_layout(w.data).to(self.delta_weight().dtype)  # (out, in)
+            v = dense + self.delta_weight().detach()
+            norm = self._dora_norm(v, None)  # (out,)
+            new = self._in_base_layout((self.lora_magnitude_vector.detach() / norm)[:, None] * v).to(w.dtype)
+            if not torch.isfinite(new).all():
+                raise ValueError("merge would produce non-finite weights; the adapter holds inf/nan, refusing")
+            self._dora_merge_norm = norm
+            w.data.copy_(new)
+            self.merged = True
+            return
         new = w.data + self._in_base_layout(self.delta_weight()).to(w.dtype)
         if not torch.isfinite(new).all():
             raise ValueError("merge would produce non-finite weights; the adapter holds inf/nan, refusing")
@@ -174,6 +230,16 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         w = self._base_weight()
+        if self.use_dora:  # W = W'/(m/||W + sBA||) - sBA with the norm cached at merge, as PEFT does
+            factor = self.lora_magnitude_vector.detach() / self._dora_merge_norm  # (out,)
+            dense = self._in_base_layout(w.data).to(factor.dtype)  # (out, in)
+            new = self._in_base_layout(dense / factor[:, None] - self.delta_weight().detach()).to(w.dtype)
+            if not torch.isfinite(new).all():
+                raise ValueError("unmerge would produce non-finite weights, refusing")
+            w.data.copy_(new)
+            self._dora_merge_norm = None
+            self.merged = False
+            return
         new = w.data - self._in_base_layout(self.delta_weight()).to(w.dtype)
         if not torch.isfinite(new).all():
             raise ValueError("unmerge would produce non-finite weights, refusing")
@@ -344,7 +410,7 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:
         base = model.get_submodule(name)
         r, alpha = rank_and_alpha(name, cfg)
         ranks[name] = r
-        layer = LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora)
+        layer = LoRALinear(base, r, alpha, cfg.dropout, cfg.use_rslora, use_dora=cfg.use_dora)
         _set_submodule(model, name, layer)
         lora_params += r * (layer.in_features + layer.out_features)  # A: r×k, B: d×r
     if cfg.init_lora_weights != KAIMING:  # PiSSA/OLoRA: factors from W, W <- W - s·B·A
@@ -357,6 +423,8 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:
     for _, m in lora_modules(model):
         m.lora_A.weight.requires_grad_(True)
         m.lora_B.weight.requires_grad_(True)
+        if m.lora_magnitude_vector is not None:  # DoRA's magnitude is trained with the factors
+            m.lora_magnitude_vector.requires_grad_(True)
     for name in modules_to_save_names(model, cfg.modules_to_save):
         model.get_submodule(name).requires_grad_(True)
     trainable, total = count_parameters(model)

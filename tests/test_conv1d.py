@@ -97,7 +97,9 @@ def test_grads_only_on_adapters():
     model(input_ids=_ids(), labels=_ids()).loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable
+    )
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
 
 
@@ -172,7 +174,7 @@ def test_qlora_gpt2_forward_backward_and_merge_into_full_precision(tmp_path):
     model.train()
     model(input_ids=_ids(), labels=_ids()).loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(n[len("base_model.model."):] for n in adapter_params(model))
+    assert trainable == set(n[len("base_model.model.") :] for n in adapter_params(model))
     assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
     model.eval()
@@ -215,9 +217,16 @@ def test_quantization_problems_on_meta_device():
     assert len(probs) == 1
     msg = probs[0]
     # in_features 96 (c_attn, c_fc, attn c_proj) and 384 (mlp c_proj): 32 divides both, 64 does not
-    assert "quant.blocksize: 32" in msg and "quant.skip_modules" in msg and "transformer.h.0.attn.c_attn" in msg
+    assert (
+        "quant.blocksize: 32" in msg and "quant.skip_modules" in msg and "transformer.h.0.attn.c_attn" in msg
+    )
     assert "method lora" in msg
-    assert quantization_problems(model, QuantConfig(blocksize=128, skip_modules=["c_attn", "c_fc", "attn.c_proj"]), "cpu") == []
+    assert (
+        quantization_problems(
+            model, QuantConfig(blocksize=128, skip_modules=["c_attn", "c_fc", "attn.c_proj"]), "cpu"
+        )
+        == []
+    )
     with pytest.raises(ValueError, match="quant.blocksize: 32"):
         quantize_model(tiny_gpt2_like_96(), QuantConfig(blocksize=128))
 
