@@ -101,7 +101,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
+        dora = ", dora=True" if self.use_dora else ""
+        return f"r={self.r}, alpha={self.lora_alpha:g}, scaling={self.scaling:g}{dora}, merged={self.merged}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_w, b_w = self.lora_A.weight, self.lora_B.weight

@@ -1,4 +1,5 @@
-"""The merge stage: fold the adapter into the base (W + s·B·A) and measure the post-merge gap.
+"""The merge stage: fold the adapter into the base (W + s·B·A; DoRA: m/||W + s·B·A||·(W + s·B·A))
+and measure the post-merge gap. GPT-2's Conv1D bases merge the transposed update (core.lora).
 
 The gap is measured, not assumed: logits of the saved merged model, reloaded with plain
 transformers, against the adapter-on-base model on held-out rows.
