@@ -1,9 +1,12 @@
-"""Train-step time and saved-activation bytes: full fine-tuning, our LoRA/QLoRA, PEFT LoRA (CPU, fp32).
+"""Train-step time and saved-activation bytes: full fine-tuning, our LoRA/DoRA/QLoRA, PEFT's (CPU, fp32).
 
 .venv/bin/python bench/train_step.py --rounds 5 --steps 3 --models tiny,h512 --json /tmp/train_step.json
 
 Variants run interleaved in one process (round-robin, order rotated every round, warm-up steps discarded);
 a step ratio is the median over rounds of the per-round ratio of median step times. Not a test: it prints.
+Each step is timed by wall clock and by the thread's CPU time (time.thread_time(); torch runs on this one thread),
+which leaves out time the thread sat descheduled on a busy box: PASS/FAIL comes from CPU time, wall is shown beside.
+Overhead ratio = (variant - floor) / (PEFT's same variant - floor), from medians over every timed step.
 MALLOC_MMAP_THRESHOLD_=65536 steadies RSS (docs/environment.md) but mmaps every tensor over 64 KiB, and here made
 every step ~1.5x slower (page faults): use it for RSS, not for these timings; saved bytes never read RSS.
 """
@@ -109,6 +112,32 @@ def v_peft(targets: list[str] | str) -> Callable[[str], nn.Module]:
     return make
 
 
+def v_ours_dora(targets: list[str] | str) -> Callable[[str], nn.Module]:
+    def make(name: str) -> nn.Module:
+        model = build_model(name)
+        cfg = LoraConfig(r=R, alpha=ALPHA, dropout=0.0, target_modules=targets, use_dora=True)  # type: ignore[call-arg]
+        inject_lora(model, cfg)
+        return model.train()
+
+    return make
+
+
+def v_peft_dora(targets: list[str] | str) -> Callable[[str], nn.Module]:
+    def make(name: str) -> nn.Module:
+        import peft
+
+        model = build_model(name)
+        cfg = peft.LoraConfig(
+            r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets, bias="none", use_dora=True
+        )
+        return peft.get_peft_model(model, cfg).train()
+
+    return make
+
+
+# DoRA variants exist only once core.config.LoraConfig has use_dora (our DoRA in core/lora.py).
+HAS_DORA = "use_dora" in LoraConfig.model_fields
+
 VARIANTS: dict[str, Callable[[str], nn.Module]] = {
     "full": v_full,
     "floor": v_floor,
@@ -118,6 +147,13 @@ VARIANTS: dict[str, Callable[[str], nn.Module]] = {
     "peft_all": v_peft(ALL),
     "qlora_all": v_qlora(ALL),
 }
+if HAS_DORA:
+    VARIANTS |= {
+        "ours_dora_qkvo": v_ours_dora(ATTN),
+        "peft_dora_qkvo": v_peft_dora(ATTN),
+        "ours_dora_all": v_ours_dora(ALL),
+        "peft_dora_all": v_peft_dora(ALL),
+    }
 
 # (numerator, denominator, target, models it applies to: None = every model)
 TARGETS: list[tuple[str, str, str, float, set[str] | None]] = [
@@ -129,7 +165,19 @@ TARGETS: list[tuple[str, str, str, float, set[str] | None]] = [
     ("step", "qlora_all", "ours_all", 1.10, None),
     ("step", "floor", "peft_qkvo", 0.0, set()),  # info: the best any adapter could do against PEFT
     ("step", "floor", "peft_all", 0.0, set()),
+    ("saved", "ours_dora_qkvo", "peft_dora_qkvo", 0.0, set()),
+    ("saved", "ours_dora_all", "peft_dora_all", 0.0, set()),
 ]
+
+# Overhead over the frozen-base floor: (ours - floor) / (peft - floor), every model.
+# (label, ours, peft, target)
+OVERHEADS: list[tuple[str, str, str, float]] = [
+    ("LoRA q,k,v,o", "ours_qkvo", "peft_qkvo", 0.35),
+    ("LoRA all-linear", "ours_all", "peft_all", 0.35),
+    ("DoRA q,k,v,o", "ours_dora_qkvo", "peft_dora_qkvo", 0.60),
+    ("DoRA all-linear", "ours_dora_all", "peft_dora_all", 0.60),
+]
+CLOCKS = ("cpu", "wall")  # cpu: time.thread_time(), the one PASS/FAIL reads; wall: time.perf_counter()
 
 
 # --- measurement ----------------------------------------------------------------------------------
@@ -141,7 +189,8 @@ class Runner:
     model: nn.Module
     opt: torch.optim.Optimizer | None
     trainable: int
-    times: list[list[float]] = field(default_factory=list)  # per round, per step (s)
+    times: list[list[float]] = field(default_factory=list)  # wall, per round, per step (s)
+    cpu_times: list[list[float]] = field(default_factory=list)  # this thread's CPU time, same layout (s)
     saved_bytes: int = 0
     saved_count: int = 0
 
@@ -153,14 +202,19 @@ def make_runner(variant: str, model_name: str) -> Runner:
     return Runner(variant, model, opt, sum(p.numel() for p in params))
 
 
-def step(r: Runner, ids: torch.Tensor) -> float:
-    t0 = time.perf_counter()
+def step(r: Runner, ids: torch.Tensor) -> tuple[float, float]:
+    """One optimizer step; returns (wall s, thread CPU s).
+
+    With torch at 1 thread, forward, the CPU autograd engine's backward and AdamW all run on the calling
+    thread, so its CPU time is the step's work without the time the scheduler gave other jobs.
+    """
+    c0, t0 = time.thread_time(), time.perf_counter()
     loss = r.model(input_ids=ids, labels=ids).loss
     loss.backward()
     if r.opt is not None:
         r.opt.step()
         r.opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.thread_time() - c0
 
 
 def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[int, int]:
@@ -202,7 +256,9 @@ def bench_model(
         for k in range(rounds):
             order = runners[k % len(runners) :] + runners[: k % len(runners)]  # rotate: no fixed position
             for r in order:
-                r.times.append([step(r, ids) for _ in range(steps)])
+                wall, cpu = zip(*(step(r, ids) for _ in range(steps)), strict=True)
+                r.times.append(list(wall))
+                r.cpu_times.append(list(cpu))
             gc.collect()
             print(f"  [{model_name}] round {k + 1}/{rounds} done", file=sys.stderr, flush=True)
     finally:
@@ -210,15 +266,34 @@ def bench_model(
     return runners
 
 
-def med_ms(r: Runner) -> float:
-    return 1e3 * statistics.median(t for rnd in r.times for t in rnd)
+def _times(r: Runner, clock: str) -> list[list[float]]:
+    return r.cpu_times if clock == "cpu" else r.times
 
 
-def ratio(kind: str, a: Runner, b: Runner) -> float:
+def med_ms(r: Runner, clock: str = "wall") -> float:
+    return 1e3 * statistics.median(t for rnd in _times(r, clock) for t in rnd)
+
+
+def ratio(kind: str, a: Runner, b: Runner, clock: str = "wall") -> float:
     if kind == "saved":
         return a.saved_bytes / b.saved_bytes
-    per_round = [statistics.median(x) / statistics.median(y) for x, y in zip(a.times, b.times, strict=True)]
+    ta, tb = _times(a, clock), _times(b, clock)
+    per_round = [statistics.median(x) / statistics.median(y) for x, y in zip(ta, tb, strict=True)]
     return statistics.median(per_round)
+
+
+def overhead(ours: Runner, peft: Runner, floor: Runner, clock: str) -> float | None:
+    """(ours - floor) / (peft - floor) of median step times; None where peft <= floor (no valid ratio).
+
+    Medians over every timed step, not per round: a per-round difference of two noisy medians can flip sign.
+    """
+    f = med_ms(floor, clock)
+    den = med_ms(peft, clock) - f
+    return (med_ms(ours, clock) - f) / den if den > 0 else None
+
+
+def _fmt(v: float | None) -> str:
+    return "invalid (PEFT ≤ floor)" if v is None else f"{v:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# torch {torch.__version__}, {platform.machine()}, nproc {os.cpu_count()}, threads {args.threads}, "
         f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, MALLOC_MMAP_THRESHOLD_="
         f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, batch {args.batch}x{args.seq}, "
-        f"rounds {args.rounds} x steps {args.steps} (warm-up {args.warmup}), r={R} alpha={ALPHA:g} dropout=0"
+        f"rounds {args.rounds} x steps {args.steps} (warm-up {args.warmup}), r={R} alpha={ALPHA:g} dropout=0, "
+        f"DoRA {'in' if HAS_DORA else 'absent (core.config.LoraConfig has no use_dora)'}; PASS/FAIL from thread CPU time"
     )
     out: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "load_start": load, "models": {}}
     all_ok = True
@@ -257,36 +333,62 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"\n## {m}: {MODELS[m]}")
         print(
-            "| variant | step ms (median) | min | max | saved activations MiB | saved tensors | trainable |"
+            "| variant | step ms wall (median) | min | max | step ms CPU (median) | min | max "
+            "| saved activations MiB | saved tensors | trainable |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         rows = {}
         for r in runners.values():
             flat = [t for rnd in r.times for t in rnd]
+            cflat = [t for rnd in r.cpu_times for t in rnd]
             rows[r.name] = dict(
                 step_ms=med_ms(r), min_ms=1e3 * min(flat), max_ms=1e3 * max(flat),
+                cpu_step_ms=med_ms(r, "cpu"), cpu_min_ms=1e3 * min(cflat), cpu_max_ms=1e3 * max(cflat),
                 saved_bytes=r.saved_bytes, saved_tensors=r.saved_count, trainable=r.trainable,
-                times_s=r.times,
+                times_s=r.times, cpu_times_s=r.cpu_times,
             )  # fmt: skip
             print(
                 f"| {r.name} | {med_ms(r):.1f} | {1e3 * min(flat):.1f} | {1e3 * max(flat):.1f} | "
+                f"{med_ms(r, 'cpu'):.1f} | {1e3 * min(cflat):.1f} | {1e3 * max(cflat):.1f} | "
                 f"{r.saved_bytes / 2**20:.2f} | {r.saved_count} | {r.trainable:,} |"
             )
-        print("\n| ratio | value | target | result |")
-        print("|---|---:|---:|---|")
+        print("\n| ratio | CPU | wall | target | result (CPU) |")
+        print("|---|---:|---:|---:|---|")
         checks = []
         for kind, a, b, target, only in TARGETS:
             if a not in runners or b not in runners:
                 continue
-            value = ratio(kind, runners[a], runners[b])
+            vals = {c: ratio(kind, runners[a], runners[b], c) for c in CLOCKS}
+            value = vals["cpu"]
             applies = only is None or m in only
             verdict = ("PASS" if value <= target else "FAIL") if applies else "(info)"
             shown = f"≤ {target:.2f}" if only != set() else "-"
             all_ok &= verdict != "FAIL"
             label = f"{kind} {a} / {b}"
-            print(f"| {label} | {value:.3f} | {shown} | {verdict} |")
-            checks.append(dict(kind=kind, num=a, den=b, value=value, target=target, result=verdict))
-        out["models"][m] = dict(spec=MODELS[m], variants=rows, checks=checks)
+            wall = f"{vals['wall']:.3f}" if kind == "step" else "-"
+            print(f"| {label} | {value:.3f} | {wall} | {shown} | {verdict} |")
+            checks.append(
+                dict(kind=kind, num=a, den=b, value=value, clock="cpu" if kind == "step" else "bytes",
+                     value_cpu=value, value_wall=vals["wall"], target=target, result=verdict)
+            )  # fmt: skip
+        overheads = []
+        if "floor" in runners:
+            print("\n| overhead (variant − floor) / (PEFT's − floor) | CPU | wall | target | result (CPU) |")
+            print("|---|---:|---:|---:|---|")
+            for label, a, b, target in OVERHEADS:
+                if a not in runners or b not in runners:
+                    continue
+                vals = {c: overhead(runners[a], runners[b], runners["floor"], c) for c in CLOCKS}
+                v = vals["cpu"]
+                verdict = "INVALID" if v is None else ("PASS" if v <= target else "FAIL")
+                all_ok &= verdict == "PASS"
+                print(
+                    f"| {label}: {a} vs {b} | {_fmt(v)} | {_fmt(vals['wall'])} | ≤ {target:.2f} | {verdict} |"
+                )
+                overheads.append(
+                    dict(label=label, num=a, den=b, cpu=v, wall=vals["wall"], target=target, result=verdict)
+                )
+        out["models"][m] = dict(spec=MODELS[m], variants=rows, checks=checks, overheads=overheads)
         del runners
         gc.collect()
     out["load_end"] = os.getloadavg()
