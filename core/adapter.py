@@ -181,7 +181,11 @@ def save_adapter(
     check_adapter_tensors(sd, expected, require_trained=require_trained)
     conf = peft_config_dict(cfg, base_model, targets, fan_in_fan_out=_any_fan_in_fan_out(model))
     # PiSSA/OLoRA: the factors apply to the residual base; publish them as a plain LoRA on the original W.
-    sd, conf = as_plain_lora(sd, conf, dict(lora_modules(model)), PREFIX) if has_initial_factors(model) else (sd, conf)
+    sd, conf = (
+        as_plain_lora(sd, conf, dict(lora_modules(model)), PREFIX)
+        if has_initial_factors(model)
+        else (sd, conf)
+    )
     with writing_dir(out_dir) as tmp:
         # Tied weights (embed_tokens and lm_head both in modules_to_save) share one storage, which
         # safetensors refuses: every tensor after the first on a storage is written as a copy.
@@ -200,7 +204,9 @@ def save_adapter(
 
 def _any_fan_in_fan_out(model: nn.Module) -> bool:
     """Some adapted base is a Conv1D, or a 4-bit layer quantized from one (``from_conv1d``)."""
-    return any(m.fan_in_fan_out or getattr(m.base_layer, "from_conv1d", False) for _, m in lora_modules(model))
+    return any(
+        m.fan_in_fan_out or getattr(m.base_layer, "from_conv1d", False) for _, m in lora_modules(model)
+    )
 
 
 def has_initial_factors(model: nn.Module) -> bool:

@@ -464,6 +464,17 @@ class RunConfig(_Strict):
                 f"lora.init_lora_weights={self.lora.init_lora_weights} with method 'qlora': PiSSA/OLoRA change "
                 "the base weights, which are 4-bit here; use method 'lora', or lora.init_lora_weights: kaiming"
             )
+        if self.lora.use_dora and self.lora.init_lora_weights != "kaiming":
+            problems.append(
+                f"lora.use_dora with lora.init_lora_weights={self.lora.init_lora_weights}: the published "
+                "rank-2r conversion of PiSSA/OLoRA has no DoRA form; use one of them, not both"
+            )
+        if self.lora.use_dora and self.method != "full" and t.zero_stage == 3:
+            problems.append(
+                "lora.use_dora with train.zero_stage=3: DoRA's column norm needs each whole base weight, "
+                "which ZeRO-3 partitions; use zero_stage 0-2 (the frozen base is small next to optimizer "
+                "state), or lora.use_dora: false"
+            )
         if self.method == "qlora" and t.zero_stage == 3:
             problems.append(
                 "train.zero_stage=3 with method 'qlora': ZeRO-3 cannot partition bitsandbytes 4-bit weights; "

@@ -215,7 +215,9 @@ class LoRALinear(nn.Module):
             norm = self._dora_norm(v, None)  # (out,)
             new = self._in_base_layout((self.lora_magnitude_vector.detach() / norm)[:, None] * v).to(w.dtype)
             if not torch.isfinite(new).all():
-                raise ValueError("merge would produce non-finite weights; the adapter holds inf/nan, refusing")
+                raise ValueError(
+                    "merge would produce non-finite weights; the adapter holds inf/nan, refusing"
+                )
             self._dora_merge_norm = norm
             w.data.copy_(new)
             self.merged = True
@@ -390,9 +392,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def rank_and_alpha(name: str, cfg: LoraConfig) -> tuple[int, float]:
     """The rank and alpha of module ``name`` under ``cfg`` (rank_pattern/alpha_pattern, then r/alpha)."""
     r = int(pattern_value(name, cfg.rank_pattern) or cfg.r)
-    return r, float(
-        pattern_value(name, cfg.alpha_pattern) or (cfg.alpha if cfg.alpha is not None else 2 * r)
-    )
+    return r, float(pattern_value(name, cfg.alpha_pattern) or (cfg.alpha if cfg.alpha is not None else 2 * r))
 
 
 def inject_lora(model: nn.Module, cfg: LoraConfig) -> InjectionReport:

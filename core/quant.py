@@ -197,7 +197,9 @@ def quantization_problems(model: nn.Module, cfg: QuantConfig, device_type: str) 
     if not bad:
         return []
     fits = [b for b in _BLOCKSIZES if all(k % b == 0 for k in ins.values())]
-    shown = ", ".join(f"{n} (in_features={k})" for n, k in list(bad.items())[:8]) + (" ..." if len(bad) > 8 else "")
+    shown = ", ".join(f"{n} (in_features={k})" for n, k in list(bad.items())[:8]) + (
+        " ..." if len(bad) > 8 else ""
+    )
     remedies = [f"keep them in full precision with quant.skip_modules: {sorted(bad)}"]
     if fits:
         remedies.insert(0, f"set quant.blocksize: {max(fits)} (divides every in_features)")

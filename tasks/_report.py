@@ -167,7 +167,9 @@ def summary_markdown(
         if isinstance(tr.get("adapters"), dict):  # which modules were adapted, and by which rule
             a = tr["adapters"]
             kinds = ", ".join(f"{k} ×{n}" for k, n in a.get("kinds", {}).items())
-            lines.append(f"- adapters on {a.get('count', '–')} modules ({kinds}); targets: {a.get('rule', '–')}")
+            lines.append(
+                f"- adapters on {a.get('count', '–')} modules ({kinds}); targets: {a.get('rule', '–')}"
+            )
     trained_size = _dir_size(tr.get("files"), tr.get("output_dir"))
     what = "model" if cfg.method == "full" else "adapter"
     lines.append(f"- {what} on disk: {_size(trained_size)}")

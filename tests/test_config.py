@@ -184,6 +184,30 @@ def test_qlora_with_zero3_fails_and_says_what_to_do():
     assert load_config(overrides=["method=qlora", "train.zero_stage=2"]).zero_stage == 2
 
 
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["lora.use_dora=true", "lora.init_lora_weights=pissa"], "use one of them, not both"),
+        (["lora.use_dora=true", "lora.init_lora_weights=olora"], "use one of them, not both"),
+        (["method=lora", "lora.use_dora=true", "train.zero_stage=3"], "use zero_stage 0-2"),
+        (["method=qlora", "lora.init_lora_weights=pissa"], "use method 'lora', or lora.init_lora_weights"),
+    ],
+)
+def test_adapter_variant_combinations_that_cannot_work_are_refused(overrides, says):
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=overrides)
+    assert says in str(exc.value)
+
+
+def test_adapter_variants_that_work_together_load():
+    assert load_config(overrides=["lora.use_dora=true", "train.zero_stage=2"]).lora.use_dora
+    assert load_config(overrides=["method=qlora", "lora.use_dora=true"]).lora.use_dora
+    pissa = load_config(overrides=["lora.init_lora_weights=pissa_niter_4", "train.zero_stage=3"])
+    assert pissa.lora.init_lora_weights == "pissa_niter_4"
+    # zero_stage 3 is the full method's business; use_dora is not read there
+    assert load_config(overrides=["method=full", "lora.use_dora=true", "train.zero_stage=3"])
+
+
 def test_batch_size_must_divide_by_accum_times_processes():
     with pytest.raises(ConfigError) as exc:
         load_config(overrides=["train.batch_size=12", "train.grad_accum=4", "train.num_processes=2"])

@@ -148,14 +148,17 @@ def test_shipped_deepspeed_configs_train(make_run, name: str):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_lora_zero3_adapter_complete(make_run):
+# The adapter variants too: PiSSA factors come from each rank's own SVD of the full weights before
+# ZeRO-3 partitions them (the seed makes the fast SVD agree), and publish as a rank-2r plain LoRA.
+@pytest.mark.parametrize("variant", [[], ["lora.init_lora_weights=pissa_niter_2"]], ids=["lora", "pissa"])
+def test_lora_zero3_adapter_complete(make_run, variant):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from core.adapter import WEIGHTS_NAME, check_adapter_tensors, load_adapter
     from core.lora import lora_modules
 
-    cfg, train_dir = make_run("method=lora", "train.zero_stage=3", "train.lr=3e-3")
+    cfg, train_dir = make_run("method=lora", "train.zero_stage=3", "train.lr=3e-3", *variant)
     summary = train(cfg, train_dir)
     assert summary["zero_stage"] == 3
     print(losses(cfg.run_dir))

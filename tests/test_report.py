@@ -77,7 +77,9 @@ def test_the_summary_names_the_version_its_manifest_and_every_stage(two_runs):
     tuned = out["eval"]["tuned"]["loss"]
     assert f"{tuned:.4f}" in md and "max logit gap" in md and "adapter on disk:" in md
     assert "trainable parameters" in md and "merged model on disk:" in md
-    assert "- adapters on 28 modules (q_proj ×4," in md and "targets: attention-mlp for model_type 'llama'" in md
+    assert (
+        "- adapters on 28 modules (q_proj ×4," in md and "targets: attention-mlp for model_type 'llama'" in md
+    )
     # The gates' results and where the alias went (or why it did not move).
     assert "staging" in md and "min_improvement" in md and "adapter_integrity" in md
 
