@@ -144,23 +144,28 @@ def test_shipped_deepspeed_configs_train(make_run, name: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. LoRA under ZeRO-3: a complete adapter that both loaders accept
+# 3. LoRA and its variants under ZeRO: a complete adapter that both loaders accept
 # ----------------------------------------------------------------------------------------------------
 
 
-# The adapter variants too: PiSSA factors come from each rank's own SVD of the full weights before
+# The adapter variants too. PiSSA factors come from each rank's own SVD of the full weights before
 # ZeRO-3 partitions them (the seed makes the fast SVD agree), and publish as a rank-2r plain LoRA.
-@pytest.mark.parametrize("variant", [[], ["lora.init_lora_weights=pissa_niter_2"]], ids=["lora", "pissa"])
-def test_lora_zero3_adapter_complete(make_run, variant):
+# DoRA runs under ZeRO-2: its column norm needs whole base weights, so the config refuses ZeRO-3.
+@pytest.mark.parametrize(
+    ("stage", "variant"),
+    [(3, []), (3, ["lora.init_lora_weights=pissa_niter_2"]), (2, ["lora.use_dora=true"])],
+    ids=["lora-zero3", "pissa-zero3", "dora-zero2"],
+)
+def test_adapter_variants_under_zero_are_complete(make_run, stage, variant):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from core.adapter import WEIGHTS_NAME, check_adapter_tensors, load_adapter
     from core.lora import lora_modules
 
-    cfg, train_dir = make_run("method=lora", "train.zero_stage=3", "train.lr=3e-3", *variant)
+    cfg, train_dir = make_run("method=lora", f"train.zero_stage={stage}", "train.lr=3e-3", *variant)
     summary = train(cfg, train_dir)
-    assert summary["zero_stage"] == 3
+    assert summary["zero_stage"] == stage and summary["world_size"] == 2
     print(losses(cfg.run_dir))
     assert_learns(cfg.run_dir, margin=0.1)
 
@@ -174,11 +179,15 @@ def test_lora_zero3_adapter_complete(make_run, variant):
     load_adapter(ours, out)
     names = [n for n, _ in lora_modules(ours)]
     expected = [f"base_model.model.{n}.lora_{ab}.weight" for n in names for ab in "AB"]
+    if cfg.lora.use_dora:
+        expected += [f"base_model.model.{n}.lora_magnitude_vector" for n in names]
     assert len(names) == 2 * 7 and sorted(sd) == sorted(expected)  # 2 layers x 7 projections
     check_adapter_tensors(sd, expected, require_trained=True)
     for n, m in lora_modules(ours):
         a, b = sd[f"base_model.model.{n}.lora_A.weight"], sd[f"base_model.model.{n}.lora_B.weight"]
         assert a.shape == (m.r, m.in_features) and b.shape == (m.out_features, m.r), n
+        if cfg.lora.use_dora:
+            assert sd[f"base_model.model.{n}.lora_magnitude_vector"].shape == (m.out_features,), n
     with torch.no_grad():
         ours_logits = ours(input_ids=IDS).logits  # (B, T, V)
         base_logits = fresh_base()(input_ids=IDS).logits

@@ -103,16 +103,19 @@ def test_quantized_base_is_refused_with_the_config_remedy():
         initialize(layer, "pissa")
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D, weights stored (in, out)
 @pytest.mark.parametrize("how", INITS)
-def test_a_trained_pissa_olora_model_publishes_an_adapter_for_the_original_base(how, tmp_path):
+def test_a_trained_pissa_olora_model_publishes_an_adapter_for_the_original_base(how, family, tmp_path):
     peft = pytest.importorskip("peft")
     from core.adapter import load_adapter, read_adapter_config, save_adapter
     from core.config import LoraConfig
     from core.lora import inject_lora, merge_and_unload
     from tests.conftest import tiny_llama
+    from tests.test_conv1d import tiny_gpt2
 
-    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
-    model = tiny_llama()
+    build = {"llama": tiny_llama, "gpt2": tiny_gpt2}[family]
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = build()
     with torch.no_grad():
         before = model(ids).logits
     cfg = LoraConfig(r=4, init_lora_weights=how)
@@ -136,9 +139,10 @@ def test_a_trained_pissa_olora_model_publishes_an_adapter_for_the_original_base(
     conf = read_adapter_config(out)
     assert (conf["r"], conf["lora_alpha"], conf["init_lora_weights"]) == (8, 16.0, True)
 
-    ours = tiny_llama()  # the original base weights, as the merge stage and evaluation load them
+    assert conf["fan_in_fan_out"] == (family == "gpt2")
+    ours = build()  # the original base weights, as the merge stage and evaluation load them
     load_adapter(ours, out)
-    pm = peft.PeftModel.from_pretrained(tiny_llama(), str(out)).eval()
+    pm = peft.PeftModel.from_pretrained(build(), str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, tuned, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(pm(ids).logits, tuned, atol=1e-4, rtol=1e-4)
