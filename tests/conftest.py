@@ -38,17 +38,11 @@ def tiny_llama(seed: int = 0, **overrides):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tests.families import SMALL
+
     torch.manual_seed(seed)
-    kw = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=False,
-    )
-    kw.update(overrides)
+    # head_dim follows hidden_size / heads here, so that overrides of either stay consistent
+    kw = {**SMALL, "head_dim": None, "tie_word_embeddings": False, **overrides}
     return LlamaForCausalLM(LlamaConfig(**kw)).float().eval()
 
 

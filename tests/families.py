@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-_SMALL = dict(
+SMALL = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -17,7 +17,7 @@ _SMALL = dict(
     vocab_size=256,
     head_dim=16,
 )
-# Per family: config overrides on top of _SMALL (names the family's config does not have are dropped).
+# Per family: config overrides on top of SMALL (names the family's config does not have are dropped).
 _FAMILY = {
     "llama": {},
     "qwen2": {},  # q/k/v with biases
@@ -47,7 +47,7 @@ ALL = tuple(_FAMILY)
 
 def family_config(family: str):
     cfg = AutoConfig.for_model(family)
-    for key, value in {**_SMALL, **_FAMILY[family]}.items():
+    for key, value in {**SMALL, **_FAMILY[family]}.items():
         if key in cfg.to_dict() or key in _FAMILY[family]:
             try:
                 setattr(cfg, key, value)
