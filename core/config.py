@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from core.errors import DeltatuneError
+from core.metrics import DEFAULT_METRIC, metric_problem
 from core.names import is_safe_name
 from core.secretkeys import WHERE_INSTEAD, describe, find_secrets, value_problem
 
@@ -31,6 +32,7 @@ from core.secretkeys import WHERE_INSTEAD, describe, find_secrets, value_problem
 # The default lora.target_modules: every attention and MLP projection of the model's family
 # (core/targets.py FAMILY_TARGETS), resolved on the model; "all-linear" takes every linear but the head.
 ATTENTION_MLP = "attention-mlp"
+ATTENTION = "attention"  # the family's attention projections only (core/targets.py)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -166,7 +168,7 @@ class LoraConfig(_Strict):
             raise ValueError(
                 f"is empty: name at least one module (e.g. ['q_proj','v_proj']), or leave it unset for {ATTENTION_MLP!r}"
             )
-        if isinstance(v, str) and v not in ("all-linear", ATTENTION_MLP):
+        if isinstance(v, str) and v not in ("all-linear", ATTENTION_MLP, ATTENTION):
             try:
                 re.compile(v)
             except re.error as e:
@@ -247,8 +249,54 @@ class EvalConfig(_Strict):
     max_eval_rows: PositiveInt | None = None
     generation_rows: PositiveInt = 64  # rows whose greedy generation is scored
     max_new_tokens: PositiveInt = 32
-    metric: Literal["exact_match"] = "exact_match"
+    # A built-in of core/metrics.py (exact_match, normalized_match, contains, regex, rouge_l) or a
+    # function of yours as module:function, called as fn(prediction, reference) -> float in [0, 1].
+    metric: str = DEFAULT_METRIC
+    regex: str | None = None  # metric regex: searched in the prediction; group 1 (or the match) is the answer
+    stop: list[str] = Field(default_factory=list)  # a generation ends at the first of these (cut off)
+    sample_rows: NonNegInt = 20  # generated rows kept row by row in eval.json (prompt, prediction, score)
     compare_base: bool = True
+    # Forgetting: the loss of base and tuned on general text unrelated to the task (a .txt of
+    # blank-line separated paragraphs, or rows with a 'text' field; any data.path-like location),
+    # its last `forgetting_tail` share only (a corpus's held-out end), at most `forgetting_rows` texts.
+    forgetting_path: Location | None = None
+    forgetting_tail: float = Field(1.0, gt=0.0, le=1.0)
+    forgetting_rows: PositiveInt = 64
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if (why := metric_problem(v)) is not None:
+            raise ValueError(why)
+        return v
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(
+                    f"is not a valid Python regular expression ({exc}); fix the pattern"
+                ) from None
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("has an empty string, which would cut every generation to nothing; remove it")
+        return v
+
+    @model_validator(mode="after")
+    def _regex_for_regex_metric(self) -> EvalConfig:
+        if self.metric == "regex" and self.regex is None:
+            raise ValueError(
+                "eval.metric is regex but eval.regex is not set; set eval.regex to a pattern whose group 1 "
+                "(or whole match) is the answer, e.g. eval.regex: 'answer: *(\\S+)'"
+            )
+        return self
 
 
 class MergeConfig(_Strict):
@@ -256,7 +304,45 @@ class MergeConfig(_Strict):
 
     enabled: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # streaming: one base tensor at a time from its safetensors shards, peak memory about the largest
+    # tensor plus the adapter (docs/merge.md); in_memory: load the whole base, merge_and_unload, save.
+    mode: Literal["streaming", "in_memory"] = "streaming"
+    max_shard_size: str = "2GB"  # per output safetensors file, as save_pretrained's max_shard_size
+    # QLoRA only (ignored otherwise): merge into the original weights, into dequant(NF4(W)) the adapter
+    # trained against, or (auto) build both and keep the one closer to adapter-on-4-bit.
+    base: Literal["original", "dequantized", "auto"] = "auto"
     max_logit_gap: PositiveFloat = 1e-3  # max |logits(merged) - logits(adapter-on-base)| allowed
+    # |loss(merged) - loss(adapter-on-base)| allowed on the probe rows. An exact fp32 merge measures
+    # ~1e-6; 1e-2 nats is far above that and below what a bf16/fp16 merge that damaged the model costs.
+    max_loss_gap: PositiveFloat | None = 1e-2
+    # The merged model's task metric may fall below the tuned model's by at most this much on the eval
+    # rows (the evaluate stage scores both; above it the run fails before publish). An exact merge
+    # changes no greedy answer; None: not checked.
+    max_metric_drop: float | None = Field(0.05, ge=0.0)
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v: str) -> str:
+        cls.size_bytes(v)
+        return v
+
+    @staticmethod
+    def size_bytes(size: str) -> int:
+        """``"2GB"``, ``"500MB"``, ``"1.5GiB"``, ``"4096"`` as bytes: decimal units for KB/MB/GB, binary
+        for KiB/MiB/GiB, as transformers' ``convert_file_size_to_int`` reads ``max_shard_size``."""
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", size, flags=re.IGNORECASE)
+        if not m:
+            raise ValueError(f"merge.max_shard_size={size!r} is not a size; write e.g. 2GB, 500MB or 1GiB")
+        units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20}
+        units |= {"gib": 2**30, "tib": 2**40}
+        n = int(float(m.group(1)) * units.get((m.group(2) or "").lower(), 1))
+        if n <= 0:
+            raise ValueError(f"merge.max_shard_size={size!r} must be positive")
+        return n
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return self.size_bytes(self.max_shard_size)
 
 
 class PublishConfig(_Strict):
@@ -307,15 +393,16 @@ class TrackingConfig(_Strict):
     run_name: str | None = None  # the tracker's run name; default: the run name
 
 
-# Eval metrics a promotion gate can judge: exact_match (higher is better), loss and perplexity (lower).
-GateMetric = Literal["exact_match", "loss", "perplexity"]
+# Eval metrics a promotion gate can judge: exact_match and task_metric (eval.metric's mean; higher is
+# better), loss and perplexity (lower).
+GateMetric = Literal["exact_match", "task_metric", "loss", "perplexity"]
 
 
 class MinImprovementGate(_Strict):
     """The tuned model beats the base model on an eval metric by more than ``margin``."""
 
     enabled: bool = True
-    metric: GateMetric | None = None  # None: exact_match where the eval scored it, else loss (format text)
+    metric: GateMetric | None = None  # None: task_metric where the eval scored it, else loss (format text)
     margin: float = Field(0.0, ge=0.0)
 
 
@@ -338,6 +425,14 @@ class MaxMergeGapGate(_Strict):
     max_loss_gap: PositiveFloat | None = None  # |loss(merged) - loss(adapter-on-base)|; None: not checked
 
 
+class MaxForgettingGate(_Strict):
+    """The tuned model's loss on general text (eval.forgetting_path) rose by at most ``max_loss_increase``
+    over the base's: what the fine-tune cost outside its task."""
+
+    enabled: bool = True
+    max_loss_increase: float | None = Field(None, ge=0.0)  # nats; None: not checked
+
+
 class AdapterIntegrityGate(_Strict):
     """The stored adapter's tensors are present, finite and trained (not every lora_B zero)."""
 
@@ -351,6 +446,7 @@ class GatesConfig(_Strict):
     no_regression: NoRegressionGate = Field(default_factory=NoRegressionGate)
     max_merge_gap: MaxMergeGapGate = Field(default_factory=MaxMergeGapGate)
     adapter_integrity: AdapterIntegrityGate = Field(default_factory=AdapterIntegrityGate)
+    max_forgetting: MaxForgettingGate = Field(default_factory=MaxForgettingGate)
 
 
 class PromoteConfig(_Strict):
@@ -392,16 +488,106 @@ def _promote_problems(cfg: RunConfig) -> list[str]:
                 f"{key} compares tuned with base but eval.compare_base is false; set eval.compare_base: "
                 f"true or {key}.enabled: false"
             )
-        if gate.metric == "exact_match" and cfg.data.format == "text":
+        if gate.metric in ("exact_match", "task_metric") and cfg.data.format == "text":
             problems.append(
-                f"{key}.metric is exact_match, which data.format 'text' does not produce (no prompts to "
+                f"{key}.metric is {gate.metric}, which data.format 'text' does not produce (no prompts to "
                 f"answer); set {key}.metric to loss or perplexity"
+            )
+    forgetting = gates.max_forgetting
+    if forgetting.enabled and forgetting.max_loss_increase is not None:
+        if cfg.eval.forgetting_path is None or not cfg.eval.compare_base or not cfg.eval.enabled:
+            problems.append(
+                "promote.gates.max_forgetting.max_loss_increase is set but the eval measures no forgetting; "
+                "set eval.forgetting_path to a general-text file (with eval.enabled and eval.compare_base "
+                "true), or unset max_loss_increase"
             )
     if cfg.promote.alias and not cfg.publish.enabled:
         problems.append(
             "promote.alias is set but publish.enabled is false: only a published version is promoted"
         )
     return problems
+
+
+def _lora(r: int, targets: str = ATTENTION, method: str = "lora") -> list[str]:
+    return [f"method={method}", f"lora.r={r}", f"lora.target_modules={targets}"]
+
+
+class SweepVariant(_Strict):
+    """One sweep variant: a name and the dotted overrides that make it from the base config."""
+
+    name: str
+    overrides: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if not is_safe_name(v):
+            raise ValueError(
+                f"{v!r} is not a safe variant name: use letters, digits, '.', '_' and '-' (it names the "
+                "variant's run directory)"
+            )
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _comparable(cls, v: list[str]) -> list[str]:
+        # The sweep compares variants trained on the same data for the same steps and scored on the
+        # same rows; it sets the run name, output and publishing itself.
+        fixed = (
+            "data.",
+            "eval.",
+            "train.max_steps",
+            "train.epochs",
+            "train.seed",
+            "name",
+            "output_dir",
+            "publish.",
+            "promote.",
+            "sweep.",
+        )
+        for o in v:
+            key = o.split("=", 1)[0].strip()
+            if "=" not in o or not key:
+                raise ValueError(f"override {o!r} is not KEY=VALUE (e.g. lora.r=16)")
+            if key.startswith(fixed) or key in {f.rstrip(".") for f in fixed}:
+                raise ValueError(
+                    f"override {o!r} changes {key}, which every variant of a sweep shares (the same data, "
+                    "steps, seed and eval rows); set it in the base config or with --set"
+                )
+        return v
+
+
+# The article's comparison (README, "Sweeps"): LoRA ranks 1..64 on the attention projections, r = 16 on
+# every linear layer, QLoRA r = 16, and full fine-tuning as the reference.
+DEFAULT_SWEEP = [
+    *(SweepVariant(name=f"lora-r{r}", overrides=_lora(r)) for r in (1, 4, 8, 16, 64)),
+    SweepVariant(name="lora-r16-all", overrides=_lora(16, "all-linear")),
+    SweepVariant(name="qlora-r16", overrides=_lora(16, ATTENTION_MLP, "qlora")),
+    SweepVariant(name="full", overrides=["method=full"]),
+]
+
+
+class SweepConfig(_Strict):
+    """`deltatune sweep`: variants of this config trained, scored and merged side by side (core/sweep.py)."""
+
+    variants: list[SweepVariant] = Field(default_factory=lambda: [v.model_copy() for v in DEFAULT_SWEEP])
+    # The recommendation: the variant with the fewest trainable parameters whose task metric is within
+    # `tolerance` of the best (loss within `tolerance` relative where no task metric is scored).
+    tolerance: float = Field(0.02, ge=0.0)
+    # Rank-1 collapse warning: r=1's task metric below this share of r=4's (same method and targets).
+    collapse_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    concurrency: PositiveInt = 1  # variants trained at once (GPU slots permitting; 1 on a CPU)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[SweepVariant]) -> list[SweepVariant]:
+        if not v:
+            raise ValueError("is empty: list at least one variant, or leave it unset for the default sweep")
+        names = [x.name for x in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names must be unique; repeated: {dup}")
+        return v
 
 
 class RunConfig(_Strict):
@@ -420,6 +606,7 @@ class RunConfig(_Strict):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     # Experiment trackers (rank 0 only): per-step metrics, the config as params, eval results, the
     # published URI. Each named tracker must be installed: a missing one is a config error, not a run
     # that silently reports nowhere (README, "Experiment trackers").
@@ -509,6 +696,12 @@ class RunConfig(_Strict):
             problems.append(
                 f"publish.include has {', '.join(map(repr, wrong))} but method {self.method!r} produces "
                 f"{produces}; valid values are {valid}"
+            )
+        if self.data.format == "text" and self.eval.enabled and self.eval.metric != DEFAULT_METRIC:
+            problems.append(
+                f"eval.metric is {self.eval.metric!r} but data.format 'text' has no prompts or references: "
+                f"generation is skipped for text and eval scores loss and perplexity only; leave eval.metric "
+                f"at its default ({DEFAULT_METRIC}), or use data.format alpaca, completion or chat"
             )
         problems += _promote_problems(self)
         if problems:

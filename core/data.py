@@ -658,6 +658,42 @@ def prepare_dataset(
     )
 
 
+def text_rows(
+    location: str, storage_options: dict[str, Any] | None = None, *, tail: float = 1.0
+) -> list[str]:
+    """The texts of a general-text file: paragraphs (blank-line separated) of a ``.txt``, or the ``text``
+    field of each row of a .jsonl/.json/.csv/.parquet file or hub dataset; ``tail`` keeps the last
+    share of them (the held-out end of a corpus, as core/tiny.py holds out the end of its stream).
+
+    Raises:
+        DataError: the source is missing or unreadable, a row has no text, or nothing is left.
+    """
+    if location.lower().split("?", 1)[0].endswith(".txt"):
+        if _SCHEME.match(location):
+            import fsspec
+
+            try:
+                with fsspec.open(location, "rb", **(storage_options or {})) as f:
+                    raw = f.read()
+            except Exception as e:  # noqa: BLE001 - missing, auth, endpoint: the user must act
+                raise DataError(f"could not read {location}: {type(e).__name__}: {e}") from None
+        elif Path(location).expanduser().is_file():
+            raw = Path(location).expanduser().read_bytes()
+        else:
+            raise DataError(f"{location} does not exist (cwd: {Path.cwd()})")
+        texts = [p.strip() for p in raw.decode("utf-8-sig", errors="replace").split("\n\n") if p.strip()]
+    else:
+        texts = []
+        for line, row in _iter_rows(_open_source(location, storage_options or {})):
+            if isinstance(row, _Reject) or not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f"{location}:{line}: expected a row with a string field 'text'")
+            texts.append(row["text"])
+    texts = texts[len(texts) - max(1, round(len(texts) * tail)) :] if texts else []
+    if not texts:
+        raise DataError(f"{location} holds no text")
+    return texts
+
+
 def load_split(path: str | Path) -> datasets.Dataset:
     """Load a split written by :func:`prepare_dataset` (``datasets.load_from_disk``).
 

@@ -21,6 +21,7 @@ from core.adapter import AdapterError, check_adapter_tensors
 from core.config import (
     AdapterIntegrityGate,
     GatesConfig,
+    MaxForgettingGate,
     MaxMergeGapGate,
     MinImprovementGate,
     NoRegressionGate,
@@ -155,15 +156,28 @@ def _result(name: str, status: str, value: Any, threshold: Any, detail: str) -> 
 
 
 def _metric(setting: str | None, eval_: Mapping[str, Any]) -> str:
-    """``setting``, or (None) exact_match where the eval scored it, else loss (data format text)."""
+    """``setting``, or (None) task_metric where the eval scored it, else exact_match (an eval.json
+    written before task metrics), else loss (data format text)."""
     if setting is not None:
         return setting
     tuned = eval_.get("tuned") or {}
-    return "exact_match" if tuned.get("exact_match") is not None else "loss"
+    for metric in ("task_metric", "exact_match"):
+        if tuned.get(metric) is not None:
+            return metric
+    return "loss"
+
+
+def _label(metric: str, eval_: Mapping[str, Any]) -> str:
+    """``task_metric (rouge_l)``: the configured metric's name beside the generic key."""
+    name = (eval_.get("tuned") or {}).get("task_metric_name")
+    return f"{metric} ({name})" if metric == "task_metric" and name else metric
 
 
 def _score(eval_: Mapping[str, Any] | None, side: str, metric: str) -> float | None:
-    value = ((eval_ or {}).get(side) or {}).get(metric)
+    scores = (eval_ or {}).get(side) or {}
+    if metric == "task_metric" and "task_metric" not in scores:
+        metric = "exact_match"  # an eval.json from before eval.metric had choices: exact match was its metric
+    value = scores.get(metric)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -173,7 +187,8 @@ def _eval_fingerprint(manifest: Mapping[str, Any] | None) -> str | None:
 
 
 def _no_metric(name: str, where: str, metric: str) -> str:
-    hint = " (exact_match is null for data.format text: use metric loss)" if metric == "exact_match" else ""
+    generated = metric in ("exact_match", "task_metric")
+    hint = f" ({metric} is null for data.format text: use metric loss)" if generated else ""
     return f"{where} has no {metric} score{hint}; set promote.gates.{name}.metric"
 
 
@@ -195,7 +210,7 @@ def min_improvement(ev: Evidence, cfg: MinImprovementGate) -> GateResult:
     threshold = base - cfg.margin if lower else base + cfg.margin
     ok = tuned < threshold if lower else tuned > threshold
     detail = (
-        f"tuned {metric} {tuned:.4g} vs base {base:.4g}: must be {'below' if lower else 'above'} "
+        f"tuned {_label(metric, ev.eval)} {tuned:.4g} vs base {base:.4g}: must be {'below' if lower else 'above'} "
         f"base {'-' if lower else '+'} margin {cfg.margin:g}"
     )
     return _result(name, PASSED if ok else FAILED, tuned, threshold, detail)
@@ -236,7 +251,7 @@ def no_regression(ev: Evidence, cfg: NoRegressionGate) -> GateResult:
     threshold = current + cfg.margin if lower else current - cfg.margin
     ok = value <= threshold if lower else value >= threshold
     detail = (
-        f"tuned {metric} {value:.4g} vs {cur.version}'s {current:.4g}: must be {'at most' if lower else 'at least'} "
+        f"tuned {_label(metric, ev.eval)} {value:.4g} vs {cur.version}'s {current:.4g}: must be {'at most' if lower else 'at least'} "
         f"{cur.version}'s {'+' if lower else '-'} margin {cfg.margin:g}"
     )
     return _result(name, PASSED if ok else FAILED, value, threshold, detail)
@@ -289,3 +304,27 @@ def adapter_integrity(ev: Evidence, cfg: AdapterIntegrityGate) -> GateResult:
     except AdapterError as exc:
         return _result(name, FAILED, len(tensors), None, str(exc))
     return _result(name, PASSED, len(tensors), None, f"{len(tensors)} tensors present, finite and trained")
+
+
+@gate("max_forgetting")
+def max_forgetting(ev: Evidence, cfg: MaxForgettingGate) -> GateResult:
+    """The tuned model's loss on general text (eval.json ``forgetting``) rose by at most
+    ``max_loss_increase`` over the base's."""
+    name = "max_forgetting"
+    if cfg.max_loss_increase is None:
+        return _result(
+            name, NOT_APPLICABLE, None, None, "no limit (promote.gates.max_forgetting.max_loss_increase)"
+        )
+    delta = ((ev.eval or {}).get("forgetting") or {}).get("delta")
+    if not isinstance(delta, (int, float)):
+        return _result(
+            name,
+            FAILED,
+            None,
+            cfg.max_loss_increase,
+            f"{ev.version}'s eval measured no forgetting (no base and tuned loss on eval.forgetting_path)",
+        )
+    ok = delta <= cfg.max_loss_increase  # NaN fails
+    verb = "within" if ok else "over"
+    detail = f"general-text loss rose by {delta:+.4g} (tuned - base), {verb} {cfg.max_loss_increase:g}"
+    return _result(name, PASSED if ok else FAILED, delta, cfg.max_loss_increase, detail)

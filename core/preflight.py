@@ -19,6 +19,7 @@ from torch import nn
 
 from core.config import RunConfig
 from core.errors import DeltatuneError
+from core.metrics import metric_fn
 from core.targets import TargetError, choose_targets, is_conv1d, model_type, pattern_value
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def check_model(cfg: RunConfig, model: nn.Module, *, device_type: str = "cpu") -
     """
     report: dict[str, Any] = {"model_type": model_type(model), "method": cfg.method}
     if cfg.method == "full":
+        report["trainable_formula"] = sum(p.numel() for p in model.parameters())  # every weight, tied once
         return report
     problems: list[str] = []
     lora = cfg.lora
@@ -84,9 +86,12 @@ def check_model(cfg: RunConfig, model: nn.Module, *, device_type: str = "cpu") -
                 f"(they end in {list(kinds)}); use one of those names or a regex over their paths"
             )
     too_big = []
+    formula = 0  # trainable parameters: r·(d + k) per adapted (k, d) matrix, + d for a DoRA magnitude
     for name, m in modules.items():
         r = int(pattern_value(name, lora.rank_pattern) or lora.r)
-        if r > min(_in_out(m)):
+        d_in, d_out = _in_out(m)
+        formula += r * (d_in + d_out) + (d_out if lora.use_dora else 0)
+        if r > min(d_in, d_out):
             too_big.append(f"{name} (r={r}, in/out={_in_out(m)})")
     if too_big:
         # B·A of rank r cannot exceed min(in, out): the extra rank only costs memory and a smaller
@@ -99,9 +104,12 @@ def check_model(cfg: RunConfig, model: nn.Module, *, device_type: str = "cpu") -
         from core.lora import modules_to_save_names
 
         try:
-            modules_to_save_names(model, lora.modules_to_save)
+            saved = modules_to_save_names(model, lora.modules_to_save)
         except ValueError as e:
             problems.append(f"{e}; use module names of this model (e.g. 'lm_head', 'embed_tokens')")
+        else:
+            formula += sum(p.numel() for n in saved for p in model.get_submodule(n).parameters())
+    report["trainable_formula"] = formula
     if cfg.method == "qlora":
         from core.quant import quantization_problems
 
@@ -115,7 +123,13 @@ def check_model(cfg: RunConfig, model: nn.Module, *, device_type: str = "cpu") -
 
 
 def preflight(cfg: RunConfig, source: str | None = None) -> dict[str, Any]:
-    """:func:`check_model` on :func:`meta_model`, for the device training will use; logs the outcome."""
+    """:func:`check_model` on :func:`meta_model`, for the device training will use; logs the outcome.
+
+    A user metric (``eval.metric: module:function``) is imported here first, so that one that does not
+    resolve fails before training, not at the evaluate stage after it (``core.metrics.MetricError``).
+    """
+    if cfg.eval.enabled:
+        metric_fn(cfg.eval.metric, cfg.eval)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     report = check_model(cfg, meta_model(cfg, source), device_type=device_type)
     if "adapters" in report:

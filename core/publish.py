@@ -76,7 +76,10 @@ def version_metadata(
     ev = stages.get("eval")
     if ev is not None:
         meta["eval"] = {
-            side: {k: ev[side][k] for k in ("loss", "perplexity", "exact_match")}
+            side: {
+                k: ev[side].get(k)
+                for k in ("loss", "perplexity", "task_metric", "task_metric_name", "exact_match")
+            }
             for side in ("base", "tuned")
             if side in ev
         }

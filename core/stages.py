@@ -61,11 +61,18 @@ def stage_keys(cfg: RunConfig, *, node: int = 0) -> StageKeys:
     train = digest(
         {"stage": "train", "data": data_fp, "model": model, "run": run, "code": code, "node": node}
     )
-    ev = digest(
-        {"stage": "eval", "train": train, "eval": cfg.eval.model_dump(mode="json", exclude={"batch_size"})}
-    )
     merge = digest(
         {"stage": "merge", "train": train, "data": data_fp, "merge": cfg.merge.model_dump(mode="json")}
+    )
+    merges = cfg.method != "full" and cfg.merge.enabled
+    ev = digest(
+        {
+            "stage": "eval",
+            "train": train,
+            "merge": merge if merges else None,  # the merged model is scored too
+            "eval": cfg.eval.model_dump(mode="json", exclude={"batch_size"}),
+            "forgetting": _location_identity(cfg.eval.forgetting_path),
+        }
     )
     p = cfg.publish
     publish = digest(
@@ -73,7 +80,7 @@ def stage_keys(cfg: RunConfig, *, node: int = 0) -> StageKeys:
             "stage": "publish",
             "train": train,
             "eval": ev if cfg.eval.enabled else None,
-            "merge": merge if cfg.method != "full" and cfg.merge.enabled else None,
+            "merge": merge if merges else None,
             "store": p.store,
             "model": p.model_name or cfg.name,
             "version": p.version,
@@ -109,6 +116,13 @@ def _hub_commit(repo_id: str, revision: str | None) -> str:
     except Exception as e:  # offline, gated without a token: the name and revision are all we know
         log.info("could not resolve %s@%s on the hub (%s); keying by the revision name", repo_id, revision, e)
         return revision or "main"
+
+
+def _location_identity(location: str | None) -> str | None:
+    """A local file by its content; a remote one by its URI (read only when the stage runs)."""
+    if location and Path(location).expanduser().is_file():
+        return file_sha256(Path(location).expanduser())
+    return location
 
 
 def tree_digest(root: str | os.PathLike[str]) -> str:

@@ -311,7 +311,7 @@ def result_metrics(out: Mapping[str, Any]) -> dict[str, float]:
     ev = out.get("eval") or {}
     for side in ("base", "tuned", "delta"):
         for k, v in (ev.get(side) or {}).items():
-            if k in ("loss", "perplexity", "exact_match") and isinstance(v, (int, float)):
+            if k in ("loss", "perplexity", "task_metric", "exact_match") and isinstance(v, (int, float)):
                 metrics[f"eval/{side}/{k}"] = float(v)
     for k in ("max_logit_gap", "mean_logit_gap", "loss_gap"):
         v = (out.get("merge") or {}).get(k)

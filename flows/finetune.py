@@ -1,4 +1,4 @@
-"""The finetune pipeline: prepare -> train -> evaluate -> merge -> publish, one Prefect task each.
+"""The finetune pipeline: prepare -> train -> merge -> evaluate -> publish, one Prefect task each.
 
 deltatune run deploy/runs/demo.yaml --set train.lr=1e-3      # again: every finished stage is reused
 prefect deploy --prefect-file deploy/prefect.yaml     # entrypoint flows/finetune.py:finetune
@@ -76,12 +76,16 @@ def finetune(
     if node != 0:
         logger.info("node %d: training done; node 0 evaluates, merges and publishes", node)
         return out
-    if cfg.eval.enabled and data["eval_dir"]:
-        out["eval"] = stage(evaluate, keys.eval)(run_dir, data["eval_dir"], trained["output_dir"])
     if cfg.method != "full" and cfg.merge.enabled:
         # The gap compares merged with adapter-on-base logits: training rows serve when there is no eval split.
         out["merge"] = stage(merge, keys.merge)(
             run_dir, trained["output_dir"], data["eval_dir"] or data["train_dir"]
+        )
+    if cfg.eval.enabled and data["eval_dir"]:
+        # After the merge, so that the merged model (what gets deployed) is scored on the same rows too.
+        merged = out["merge"]["merged_dir"] if "merge" in out else None
+        out["eval"] = stage(evaluate, keys.eval)(
+            run_dir, data["eval_dir"], trained["output_dir"], merged=merged
         )
     if cfg.publish.enabled:
         done = {"prepare": data, "train": trained, **{k: out[k] for k in ("eval", "merge") if k in out}}

@@ -29,8 +29,8 @@ from core.run import PREPARE_REPORT, RunDir
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "train", "evaluate", "merge", "publish")
-SAMPLE_ROWS = 20  # sample generations in the table (eval.json keeps up to 5 per side today)
+STAGES = ("prepare", "train", "merge", "evaluate", "publish")
+SAMPLE_ROWS = 20  # sample generations in the table (eval.json keeps eval.sample_rows per side)
 
 
 def slug(name: str) -> str:
@@ -119,18 +119,31 @@ def summary_markdown(
     mg = out.get("merge") or {}
     if ev:
         lines += [f"## Evaluation ({ev.get('rows', '?')} held-out rows)", ""]
-        lines += ["| model | loss | perplexity | exact match |", "|---|---|---|---|"]
-        for side in ("base", "tuned"):
+        metric = ev.get("metric") or "exact_match"
+        head = "exact match" if metric == "exact_match" else f"{metric} | exact match"
+        lines += [
+            f"| model | loss | perplexity | {head} |",
+            "|---|---|---|---|" + ("---|" if metric != "exact_match" else ""),
+        ]
+
+        def cells(s: dict[str, Any]) -> str:
+            task = "" if metric == "exact_match" else f" {_fmt(s.get('task_metric'), 3)} |"
+            return f"{_fmt(s.get('loss'))} | {_fmt(s.get('perplexity'), 3)} |{task} {_fmt(s.get('exact_match'), 3)} |"
+
+        for side in ("base", "tuned", "merged"):
             if side in ev:
-                s = ev[side]
-                lines.append(
-                    f"| {side} | {_fmt(s.get('loss'))} | {_fmt(s.get('perplexity'), 3)} | {_fmt(s.get('exact_match'), 3)} |"
-                )
+                lines.append(f"| {side} | {cells(ev[side])}")
         if "delta" in ev:
-            d = ev["delta"]
-            lines.append(
-                f"| tuned − base | {_fmt(d.get('loss'))} | {_fmt(d.get('perplexity'), 3)} | {_fmt(d.get('exact_match'), 3)} |"
-            )
+            lines.append(f"| tuned − base | {cells(ev['delta'])}")
+        if "merged_vs_tuned" in ev:
+            lines.append(f"| merged − tuned | {cells(ev['merged_vs_tuned'])}")
+        f = ev.get("forgetting")
+        if f:
+            lines += [
+                "",
+                f"Forgetting ({f.get('rows')} texts of {f.get('source')}): loss base {_fmt(f.get('base_loss'))}, "
+                f"tuned {_fmt(f.get('tuned_loss'))}, rise {_fmt(f.get('delta'))}",
+            ]
         lines.append("")
     if mg:
         lines += ["## Merge", ""]
@@ -222,6 +235,7 @@ def sample_rows(eval_report: str | Path | None, limit: int = SAMPLE_ROWS) -> lis
                 "base": b.get("prediction"),
                 "tuned": t.get("prediction"),
                 "tuned matches": t.get("match"),
+                "tuned score": t.get("score"),
             }
         )
     return rows

@@ -1,4 +1,5 @@
-"""evaluate: base vs tuned held-out loss, perplexity and exact match, in one run."""
+"""evaluate: base, tuned and merged models' held-out loss, perplexity and task metric, and the
+forgetting on general text, in one run."""
 
 from prefect import get_run_logger, task
 
@@ -8,12 +9,13 @@ from core.stages import snapshot
 
 
 @task(name="evaluate")
-def evaluate(run_dir: str, eval_data: str, trained: str, key: str) -> dict:
+def evaluate(run_dir: str, eval_data: str, trained: str, key: str, merged: str | None = None) -> dict:
     """Returns eval.json without the sample generations, its path and its snapshot."""
     rd = RunDir(run_dir)
-    results = evaluate_run(rd.config(), rd.path, eval_data, trained)
-    summary = {k: v for k, v in results.items() if k not in ("base", "tuned")}
-    for side in ("base", "tuned"):
+    results = evaluate_run(rd.config(), rd.path, eval_data, trained, merged)
+    sides = ("base", "tuned", "merged")
+    summary = {k: v for k, v in results.items() if k not in sides}
+    for side in sides:
         if side in results:
             summary[side] = {k: v for k, v in results[side].items() if k != "samples"}
     get_run_logger().info("eval: %s", summary)

@@ -70,12 +70,44 @@ def gates(**sections) -> GatesConfig:
 def test_a_good_candidate_passes_every_gate_that_applies():
     r = by_name(evidence())
     assert (
-        list(r) == list(GATES) == ["min_improvement", "no_regression", "max_merge_gap", "adapter_integrity"]
+        list(r)
+        == list(GATES)
+        == ["min_improvement", "no_regression", "max_merge_gap", "adapter_integrity", "max_forgetting"]
     )
-    assert [r[n].status for n in r] == [PASSED, NOT_APPLICABLE, PASSED, PASSED]
+    assert [r[n].status for n in r] == [PASSED, NOT_APPLICABLE, PASSED, PASSED, NOT_APPLICABLE]
     assert r["min_improvement"].value == 0.75 and r["min_improvement"].threshold == 0.25
     assert r["no_regression"].passed is None and "no current target" in r["no_regression"].detail
     assert r["adapter_integrity"].value == 2
+
+
+@pytest.mark.parametrize(
+    ("forgetting", "limit", "status"),
+    [
+        ({"base_loss": 3.0, "tuned_loss": 3.05, "delta": 0.05}, 0.1, PASSED),
+        ({"base_loss": 3.0, "tuned_loss": 3.25, "delta": 0.25}, 0.1, FAILED),
+        ({"base_loss": 3.0, "tuned_loss": 2.9, "delta": -0.1}, 0.0, PASSED),  # it got better
+        (None, 0.1, FAILED),  # a limit and nothing measured: refuse, never pass by default
+        ({"delta": float("nan")}, 0.1, FAILED),
+    ],
+)
+def test_max_forgetting(forgetting, limit, status):
+    ev = evidence(eval={"base": scores(2.0, 0.25), "tuned": scores(1.0, 0.75), "forgetting": forgetting})
+    r = by_name(ev, gates(max_forgetting={"max_loss_increase": limit}))["max_forgetting"]
+    assert r.status == status and r.threshold == limit
+    if forgetting is None:
+        assert "measured no forgetting" in r.detail
+
+
+def test_a_forgetting_limit_without_a_forgetting_set_is_a_config_error():
+    from core.config import ConfigError, load_config
+    from tests.conftest import REPO
+
+    with pytest.raises(ConfigError, match="set eval.forgetting_path"):
+        load_config(
+            overrides=["promote.gates.max_forgetting.max_loss_increase=0.1", "eval.forgetting_path=null"]
+        )
+    cfg = load_config(REPO / "deploy/runs/demo.yaml", ["promote.gates.max_forgetting.max_loss_increase=0.1"])
+    assert cfg.eval.forgetting_path == "examples/demo/corpus.txt"  # the demo measures forgetting
 
 
 @pytest.mark.parametrize(
@@ -102,6 +134,28 @@ def test_min_improvement_defaults_to_loss_where_exact_match_is_null():
     assert r.status == PASSED and r.value == 1.0 and "tuned loss" in r.detail
     r = by_name(ev, gates(min_improvement={"metric": "exact_match"}))["min_improvement"]
     assert r.status == FAILED and "exact_match is null for data.format text" in r.detail
+
+
+def test_default_metric_is_the_task_metric_and_higher_is_better():
+    def side(loss, em, task):
+        return {**scores(loss, em), "task_metric": task, "task_metric_name": "rouge_l"}
+
+    # Exact match got worse and loss better: the default judges by the task metric (rouge_l), which rose.
+    ev = evidence(eval={"base": side(1.0, 0.5, 0.25), "tuned": side(2.0, 0.25, 0.5)})
+    r = by_name(ev)["min_improvement"]
+    assert r.status == PASSED and r.value == 0.5 and r.threshold == 0.25
+    assert r.detail.startswith("tuned task_metric (rouge_l) 0.5 vs base 0.25: must be above")
+    r = by_name(ev, gates(min_improvement={"metric": "exact_match"}))["min_improvement"]
+    assert r.status == FAILED and r.value == 0.25
+    worse = evidence(eval={"base": side(1.0, 0.5, 0.5), "tuned": side(1.0, 0.5, 0.25)})
+    assert by_name(worse)["min_improvement"].status == FAILED
+
+
+def test_task_metric_of_an_eval_json_from_before_task_metrics_is_its_exact_match():
+    # No task_metric key: eval.metric could only be exact_match then, so that is what the gate reads.
+    old = {"base": scores(2.0, 0.25), "tuned": scores(1.0, 0.75)}
+    r = by_name(evidence(eval=old), gates(min_improvement={"metric": "task_metric"}))["min_improvement"]
+    assert r.status == PASSED and r.value == 0.75 and r.threshold == 0.25
 
 
 def test_min_improvement_fails_without_evidence():
@@ -205,7 +259,7 @@ def test_gate_error_names_every_failed_gate_with_value_and_threshold():
         in msg
     )
     assert "adapter_integrity" not in msg and "--force" in msg
-    assert not err.retryable and len(err.results) == 4
+    assert not err.retryable and len(err.results) == len(GATES)
     assert describe(results[0]).startswith(
         "min_improvement: failed (value 0.25, threshold 0.25): tuned exact_match"
     )

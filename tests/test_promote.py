@@ -118,6 +118,7 @@ def test_a_failing_gate_refuses_and_force_promotes_recorded_as_forced(
         "no_regression": "not_applicable",
         "max_merge_gap": "passed",
         "adapter_integrity": "passed",
+        "max_forgetting": "not_applicable",  # no limit set
     }
     assert first["forced"] is False and first["generation"] == 1
 

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "train", "evaluate", "merge", "publish")
+STAGES = ("prepare", "train", "merge", "evaluate", "publish")
 MODEL = "Report_Demo.v1"  # not a valid artifact key as it is: slugged to report-demo-v1
 KEY = "report-demo-v1"
 

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "train", "evaluate", "merge", "publish")
+STAGES = ("prepare", "train", "merge", "evaluate", "publish")
 
 
 def run_flow(cfg, tmp_path: Path, **kwargs):
