@@ -95,6 +95,19 @@ class LoRALinear(nn.Module):
         v = w if delta is None else w + delta.to(w.dtype)  # (out, in)
         return torch.linalg.norm(v, dim=1).detach()  # (out,)
 
+    @torch.no_grad()
+    def _adapted_row_norm(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """||W + s·B·A|| per output row, as ``_dora_norm(w, s·B·A)`` but without forming the (out, in) sum:
+        ||W_i||² + 2s·<B_i, (W·Aᵀ)_i> + s²·<B_i, (B·A·Aᵀ)_i>, from an (out, in) @ (in, r) product and
+        r x r ones. Each step then reads W twice instead of writing two (out, in) temporaries; detached,
+        as the norm is a constant in backward (the paper's sec. 4.3)."""
+        s = self.scaling
+        wa = w @ a.t()  # (out, in) @ (in, r) -> (out, r)
+        bg = b @ (a @ a.t())  # (out, r) @ (r, r) -> (out, r)
+        w_sq = torch.linalg.vector_norm(w, dim=1).square()  # (out,)
+        sq = w_sq + (2 * s) * (b * wa).sum(1) + (s * s) * (b * bg).sum(1)  # (out,)
+        return sq.clamp_min(0).sqrt()
+
     def reset_lora_parameters(self) -> None:
         # Same init as loralib/PEFT: A ~ Kaiming-uniform(a=sqrt(5)), B = 0, so B·A = 0 at step 0.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -136,24 +149,26 @@ class LoRALinear(nn.Module):
         return _LoRAAddInPlace.apply(out, x, a_w, b_w, self.scaling)
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """PEFT's DoraLinearLayer.forward, unfused: y = base(x) + (m/||W+sBA|| - 1)·(W·x) + m/||W+sBA||·s·B·A·x.
+        """PEFT's DoraLinearLayer.forward: y = base(x) + (m/||W+sBA|| - 1)·(W·x) + m/||W+sBA||·s·B·A·x.
 
-        W·x is the base output less its bias when there is no dropout (or in eval), else W·dropout(x),
-        as PEFT computes it (peft/tuners/lora/layer.py Linear.forward, dora.py).
+        Without dropout (or in eval) W·x is the base output less its bias, and the sum regroups as
+        m/||W+sBA||·(base(x) + s·B·A·x) + (1 - m/||W+sBA||)·bias: three (..., out) tensors instead of
+        six. With dropout W·dropout(x) is computed, as PEFT does (peft/tuners/lora/layer.py, dora.py).
         """
         out = self.base_layer(x)  # (..., out)
         a_w, b_w = self.lora_A.weight, self.lora_B.weight
         dtype = a_w.dtype
         xd = self.lora_dropout(x.to(dtype))
         w = self.base_weight_dense(dtype)  # (out, in)
-        scale = self.lora_magnitude_vector / self._dora_norm(w, self.delta_weight().detach())  # (out,)
-        lora = F.linear(F.linear(xd, a_w), b_w) * self.scaling  # (..., in) -> (..., r) -> (..., out)
+        scale = self.lora_magnitude_vector / self._adapted_row_norm(w, a_w.detach(), b_w.detach())  # (out,)
+        lora = F.linear(F.linear(xd, a_w), b_w)  # (..., in) -> (..., r) -> (..., out), unscaled
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            t = torch.add(out.to(dtype), lora, alpha=self.scaling)  # base(x) + s·B·A·x
             bias = self.base_layer.bias
-            base = out.to(dtype) if bias is None else out.to(dtype) - bias.to(dtype)
-        else:
-            base = F.linear(xd, w)  # (..., out)
-        return out + ((scale - 1) * base + scale * lora).to(out.dtype)
+            y = t * scale if bias is None else torch.addcmul((1 - scale) * bias.to(dtype), t, scale)
+            return y.to(out.dtype)
+        base = F.linear(xd, w)  # (..., out)
+        return out + ((scale - 1) * base + scale * (lora * self.scaling)).to(out.dtype)
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Base and adapter in one autograd node: a frozen nn.Linear, or a 4-bit base computing in x's
@@ -209,22 +224,16 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         w = self._base_weight()
-        if self.use_dora:  # W' = m/||W + sBA|| · (W + sBA), PEFT's Linear.merge
-            dense = self._in_base_layout(w.data).to(self.delta_weight().dtype)  # (out, in)
-            v = dense + self.delta_weight().detach()
-            norm = self._dora_norm(v, None)  # (out,)
-            new = self._in_base_layout((self.lora_magnitude_vector.detach() / norm)[:, None] * v).to(w.dtype)
-            if not torch.isfinite(new).all():
-                raise ValueError(
-                    "merge would produce non-finite weights; the adapter holds inf/nan, refusing"
-                )
-            self._dora_merge_norm = norm
-            w.data.copy_(new)
-            self.merged = True
-            return
-        new = w.data + self._in_base_layout(self.delta_weight()).to(w.dtype)
-        if not torch.isfinite(new).all():
-            raise ValueError("merge would produce non-finite weights; the adapter holds inf/nan, refusing")
+        magnitude = self.lora_magnitude_vector.detach() if self.use_dora else None
+        new, norm = merged_weight(
+            w.data,
+            self.lora_A.weight.detach(),
+            self.lora_B.weight.detach(),
+            self.scaling,
+            magnitude=magnitude,
+            fan_in_fan_out=self.fan_in_fan_out,
+        )
+        self._dora_merge_norm = norm
         w.data.copy_(new)
         self.merged = True
 
@@ -243,11 +252,52 @@ class LoRALinear(nn.Module):
             self._dora_merge_norm = None
             self.merged = False
             return
-        new = w.data - self._in_base_layout(self.delta_weight()).to(w.dtype)
+        delta = self.delta_weight()
+        new = (w.data.to(delta.dtype) - self._in_base_layout(delta)).to(w.dtype)
         if not torch.isfinite(new).all():
             raise ValueError("unmerge would produce non-finite weights, refusing")
         w.data.copy_(new)
         self.merged = False
+
+
+def merged_weight(
+    w: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    magnitude: torch.Tensor | None = None,
+    fan_in_fan_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The merged base weight, in ``w``'s layout and dtype: W + s·B·A, or DoRA's m/||W + s·B·A||·(W + s·B·A).
+
+    The one place the merge maths lives: ``LoRALinear.merge`` and the streaming merge
+    (core/merge/sharded.py) both call it, so the two agree bit for bit. The sum is formed in the
+    adapter's dtype (fp32 for a half-precision base, as LoRALinear keeps its factors) and rounded to
+    ``w.dtype`` once, so a bf16 merge loses no more than one rounding of the merged weight.
+
+    Args:
+        w: the base weight as stored: (out, in), or (in, out) for GPT-2's Conv1D (``fan_in_fan_out``).
+        lora_A: (r, in). lora_B: (out, r). scaling: alpha/r or alpha/sqrt(r).
+        magnitude: DoRA's m (out,), or None for plain LoRA.
+
+    Returns:
+        (merged weight like ``w``, DoRA's ||W + s·B·A|| per output row (out,) or None).
+
+    Raises:
+        ValueError: the result is not finite (the adapter holds inf/nan).
+    """
+    delta = (lora_B @ lora_A) * scaling  # (out, r) @ (r, in) -> (out, in)
+    dense = (w.t() if fan_in_fan_out else w).to(delta.dtype)  # (out, in)
+    v = dense + delta  # (out, in)
+    norm = None
+    if magnitude is not None:  # PEFT's Linear.merge for DoRA: W' = m/||W + sBA|| · (W + sBA)
+        norm = torch.linalg.norm(v, dim=1).detach()  # (out,)
+        v = (magnitude / norm)[:, None] * v  # (out,) -> (out, 1) * (out, in)
+    new = (v.t() if fan_in_fan_out else v).to(w.dtype)
+    if not torch.isfinite(new).all():
+        raise ValueError("merge would produce non-finite weights; the adapter holds inf/nan, refusing")
+    return new, norm
 
 
 def _adapter_grads(g2d, x, h_t, b_w, s: float, need_h: bool, need_a: bool, need_b: bool):

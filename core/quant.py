@@ -326,6 +326,22 @@ def dequantize_linear4bit(layer: nn.Module) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(layer.weight.data, _usable_quant_state(layer)).to(torch.float32)
 
 
+def roundtrip_4bit(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """dequant(quant(w)) for an (out, in) weight, quantized as :func:`quantize_model` quantizes it on the
+    CPU (``Params4bit._quantize``: ``functional.quantize_4bit`` with the config's quant_type, blocksize and
+    double quantization): the weight a QLoRA adapter was trained against, in ``w``'s dtype. The compute
+    dtype only sets the precision of the 4-bit layer's matmul, not these values."""
+    functional = _bnb().functional
+    q, state = functional.quantize_4bit(
+        w.contiguous(),
+        blocksize=cfg.blocksize,
+        compress_statistics=cfg.double_quant,
+        quant_type=cfg.quant_type,
+        quant_storage=torch.uint8,
+    )
+    return functional.dequantize_4bit(q, state)  # (out, in), state.dtype == w.dtype
+
+
 __all__ = [
     "QLinear4bit",
     "QuantReport",
@@ -334,4 +350,5 @@ __all__ = [
     "quantizable",
     "quantization_problems",
     "quantize_model",
+    "roundtrip_4bit",
 ]

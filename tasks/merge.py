@@ -9,7 +9,8 @@ from core.stages import snapshot
 
 @task(name="merge")
 def merge(run_dir: str, adapter_dir: str, eval_data: str | None, key: str) -> dict:
-    """Returns merge_report.json (merged_dir, max/mean logit gap, loss gap), its path and snapshot."""
+    """Returns merge_report.json (merged_dir, mode, max/mean logit gap, loss gap, peak RSS; QLoRA: the base
+    merged into; docs/merge.md), its path and snapshot."""
     rd = RunDir(run_dir)
     report = merge_run(rd.config(), rd.path, adapter_dir, eval_data)
     get_run_logger().info("merged: max logit gap %s", report.get("max_logit_gap"))
