@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from core.config import ATTENTION_MLP, LoraConfig
+from core.config import ATTENTION, ATTENTION_MLP, LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,24 @@ FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
     "bloom": _NEOX,
     "gptj": ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+
+# The attention projections alone (``target_modules: attention``, the original LoRA paper's choice and
+# the sweep's q,k,v,o variants): each family's entry above less its MLP. GPT-2's c_proj is both the
+# attention output and the MLP's down projection, so its attention one is named with its parent.
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_TARGETS: dict[str, tuple[str, ...]] = {
+    **{kind: _QKVO for kind, names in FAMILY_TARGETS.items() if names[:4] == _QKVO},
+    "deepseek_v3": ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+    "phi": ("q_proj", "k_proj", "v_proj", "dense"),
+    "phi3": ("qkv_proj", "o_proj"),
+    "gpt2": ("c_attn", "attn.c_proj"),
+    "gpt_bigcode": ("c_attn", "attn.c_proj"),
+    "gpt_neox": ("query_key_value", "attention.dense"),
+    "falcon": ("query_key_value", "self_attention.dense"),
+    "bloom": ("query_key_value", "self_attention.dense"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj"),
 }
 
 ALL_LINEAR = "all-linear"
@@ -159,6 +177,7 @@ def select_targets(
     Args:
         target_modules: ``"attention-mlp"`` (the family's attention and MLP projections from
             :data:`FAMILY_TARGETS`; every linear layer but the head for a family not in the table),
+            ``"attention"`` (the attention projections, :data:`ATTENTION_TARGETS`),
             ``"all-linear"`` (every linear layer but the output head), a list (exact paths or
             ``.suffix``) or a regex string (fullmatch on the module path).
         exclude_modules: removed from the selection, same rules.
@@ -172,14 +191,21 @@ def select_targets(
     heads = output_head_names(model)
     unmatched: list[str] = []
     kind = model_type(model)
-    if target_modules == ATTENTION_MLP and kind in FAMILY_TARGETS:
-        table = FAMILY_TARGETS[kind]
+    tables = {ATTENTION_MLP: FAMILY_TARGETS, ATTENTION: ATTENTION_TARGETS}
+    if target_modules == ATTENTION and kind not in ATTENTION_TARGETS:
+        raise TargetError(
+            f"lora.target_modules='attention': model_type {kind!r} is not in deltatune's family table, so its "
+            f"attention projections are not known. Its linear layers end in {_candidates(adaptable, heads)}: "
+            "list the attention ones in lora.target_modules"
+        )
+    if isinstance(target_modules, str) and target_modules in tables and kind in tables[target_modules]:
+        table = tables[target_modules][kind]
         chosen = [n for n in adaptable if matches(n, table) and n not in heads]
         missing = [t for t in table if not any(matches(n, [t]) for n in chosen)]
-        rule = f"attention-mlp for model_type {kind!r}: {', '.join(table)}"
+        rule = f"{target_modules} for model_type {kind!r}: {', '.join(table)}"
         if missing:  # the table is stale for this transformers version: say so, adapt what is there
             log.warning(
-                f"lora.target_modules='attention-mlp': model_type {kind!r} has no modules named {missing} "
+                f"lora.target_modules={target_modules!r}: model_type {kind!r} has no modules named {missing} "
                 f"(its adaptable modules end in {_candidates(adaptable, heads)}); adapting the rest. Name the "
                 "modules to adapt in lora.target_modules to choose them yourself."
             )

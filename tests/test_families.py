@@ -47,6 +47,38 @@ def test_default_targets_are_every_attention_and_mlp_projection(family):
     assert repr(model.config.model_type) in sel.rule
 
 
+# The attention projections alone (target_modules: attention), from the same modeling files.
+EXPECTED_ATTENTION = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "olmo": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    "falcon": ["query_key_value", "self_attention.dense"],
+    "gpt_neox": ["query_key_value", "attention.dense"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_attention_targets_are_the_attention_projections_only(family):
+    sel = select_targets(family_model(family, meta=True), "attention")
+    expected = EXPECTED_ATTENTION[family]
+    assert _kinds(sel.names, expected) == dict.fromkeys(expected, LAYERS)
+    assert len(sel.names) == LAYERS * len(expected)
+
+
+def test_attention_targets_on_an_unknown_family_ask_for_names():
+    model = family_model("llama", meta=True)
+    model.config.model_type = "my_own_arch"
+    with pytest.raises(TargetError, match="list the attention ones in lora.target_modules"):
+        select_targets(model, "attention")
+
+
 def _batch(model, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, model.config.vocab_size, (2, 12), generator=g)
@@ -123,6 +155,30 @@ def test_preflight_on_the_meta_model_matches_the_real_injection(family, run_conf
     real = inject_lora(family_model(family), cfg.lora)
     assert report["adapters"]["count"] == len(real.targets)
     assert report["adapters"]["kinds"] == select_targets(family_model(family, meta=True)).kinds
+
+
+@pytest.mark.parametrize("family", TRAINED)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["lora.use_dora=true"],
+        ["lora.rank_pattern={'.*o_proj|.*c_proj': 2}", "lora.target_modules=all-linear"],
+    ],
+    ids=["lora", "dora", "rank-pattern"],
+)
+def test_the_trainable_formula_counts_what_injection_trains(family, extra, run_config):
+    """r·(d + k) per adapted matrix (+ d for DoRA), from the meta model, equals the parameters that
+    actually require grad after injection: the sweep's table checks every variant against it."""
+    from core.lora import count_parameters
+
+    cfg = run_config("method=lora", "lora.r=4", *extra)
+    report = check_model(cfg, family_model(family, meta=True))
+    model = family_model(family)
+    inject_lora(model, cfg.lora)
+    assert report["trainable_formula"] == count_parameters(model)[0] > 0
+    full = check_model(run_config("method=full"), family_model(family, meta=True))
+    assert full["trainable_formula"] == count_parameters(family_model(family))[1]
 
 
 def test_partial_match_warns_with_candidates_and_strict_refuses(caplog):
