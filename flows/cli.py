@@ -38,7 +38,7 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 
 DESCRIPTION = """\
 Fine-tune language models with one Prefect flow: prepare, train (LoRA, QLoRA, or full fine-tuning
-under DeepSpeed ZeRO), evaluate, merge, publish. Stages already done for the same content are reused.
+under DeepSpeed ZeRO), merge, evaluate, publish. Stages already done for the same content are reused.
 
 With no config, `deltatune run` runs the bundled demo (a tiny offline model, a few minutes on a CPU).
 Flows report to the Prefect server that PREFECT_API_URL names, else to a temporary local one.
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     run = command(
         sub,
         "run",
-        "run the finetune flow: prepare, train, evaluate, merge, publish",
+        "run the finetune flow: prepare, train, merge, evaluate, publish",
         "Run the finetune flow on a run config (default: the bundled demo, deploy/runs/demo.yaml). "
         "Each stage is keyed by the content that determines it: a stage whose result already exists "
         "for the same content is reused, so running the same config again publishes nothing new and "
@@ -87,6 +87,31 @@ def _parser() -> argparse.ArgumentParser:
         "--refresh",
         action="store_true",
         help="rerun every stage even where a result of the same content exists (publishes a new version)",
+    )
+    sweep = command(
+        sub,
+        "sweep",
+        "train, score and merge variants of a run config side by side (ranks, targets, QLoRA, full)",
+        "Run the sweep flow: every variant in the config's sweep.variants (default: LoRA r = 1, 4, 8, "
+        "16, 64 on the attention projections, r = 16 on every linear layer, QLoRA r = 16, full "
+        "fine-tuning) is a finetune run of its own, on the same data, steps and seed, scored on the "
+        "same eval rows and merged with its gap measured. The dataset is prepared once. Output: a table "
+        "(trainable parameters and share checked against r·(d+k), peak memory, time, tokens/s, delta "
+        "size, eval loss, task metric, merge gap, forgetting, merged latency), two PNGs and a "
+        "recommendation, in <output_dir>/<name>-sweep/ and as Prefect artifacts. A failed variant is a "
+        "row of the table. Variants publish nothing unless --publish best.",
+        [
+            "deltatune sweep --set train.max_steps=100",
+            "deltatune sweep my-run.yaml --set sweep.tolerance=0.05",
+            "deltatune sweep my-run.yaml --publish best",
+        ],
+    )
+    _config_arg(sweep)
+    sweep.add_argument(
+        "--publish",
+        choices=["none", "best"],
+        default="none",
+        help="best: publish (and with promote.alias, promote) the recommended variant (default: none)",
     )
     show = command(
         sub,
@@ -175,16 +200,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     api = PrefectAPI.start()  # boots while the flow's code (torch, transformers, ...) is imported
     try:
-        from flows.finetune import finetune
-
         _warm_up(cfg)
-        with api.session():
-            result = finetune(config=config, overrides=args.overrides, refresh=args.refresh)
+        if args.cmd == "sweep":
+            from flows.sweep import sweep
+
+            with api.session():
+                result = sweep(config=config, overrides=args.overrides, publish=args.publish)
+        else:
+            from flows.finetune import finetune
+
+            with api.session():
+                result = finetune(config=config, overrides=args.overrides, refresh=args.refresh)
     except Exception as e:  # the flow's log above holds the traceback; end on the one line that matters
-        print(f"deltatune: run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"deltatune: {args.cmd} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     finally:
         api.stop()
+    if args.cmd == "sweep":
+        from core.sweep import to_markdown
+
+        print(to_markdown(result["rows"], result["recommendation"]))
+        print(json.dumps({"paths": result["paths"], "published": result.get("published")}, indent=2))
+        return 0
     print(json.dumps(_brief(result), indent=2))
     return 0
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -68,3 +70,23 @@ def test_set_without_equals_says_how_to_write_it():
     out = _cli("show-config", "--set", "train.lr", "1e-4")
     assert out.returncode == 2
     assert "--set takes KEY=VALUE in one argument, e.g. --set train.lr=1e-4 (got 'train.lr')" in out.stderr
+
+
+@pytest.mark.slow
+def test_sweep_prints_the_table_and_the_recommendation(run_config, tmp_path):
+    """`deltatune sweep CONFIG` as a user runs it: a temporary Prefect server, two variants, the table."""
+    from core.config import to_yaml
+
+    variants = [{"name": f"r{r}", "overrides": [f"lora.r={r}"]} for r in (1, 2)]
+    cfg = run_config(
+        "name=clisweep", "train.max_steps=2", "eval.max_eval_rows=4", f"sweep.variants={json.dumps(variants)}"
+    )
+    path = tmp_path / "sweep.yaml"
+    path.write_text(to_yaml(cfg))
+    out = _cli("sweep", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("| r")]
+    assert [line.split(" | ")[0] for line in table] == ["| r1", "| r2"]
+    assert "**Recommended: `r" in out.stdout
+    paths = json.loads(out.stdout[out.stdout.index("{") :])["paths"]
+    assert Path(paths["csv"]).is_file() and Path(paths["quality"]).is_file()
