@@ -11,6 +11,7 @@ import pytest
 
 from core.config import ConfigError, SweepConfig, load_config
 from core.sweep import COLUMNS, failed_row, recommend, to_csv, to_markdown
+from tests.conftest import REPO
 
 
 def _row(name, method="lora", r=4, targets="attention", metric=0.5, loss=1.0, trainable=1000):
@@ -142,7 +143,13 @@ def test_a_sweep_on_the_tiny_model_fills_the_table(prefect_harness, run_config, 
         {"name": "too-big", "overrides": ["lora.r=4096"]},  # fails preflight: a row, not the end
     ]
     cfg = run_config(
-        "name=sw", "train.max_steps=4", "eval.max_eval_rows=8", f"sweep.variants={json.dumps(variants)}"
+        "name=sw",
+        "train.max_steps=4",
+        "eval.max_eval_rows=8",
+        f"eval.forgetting_path={REPO / 'examples/demo/corpus.txt'}",  # the tiny model's pretraining text
+        "eval.forgetting_tail=0.05",
+        "eval.forgetting_rows=8",
+        f"sweep.variants={json.dumps(variants)}",
     )
     path = tmp_path / "sweep.yaml"
     path.write_text(to_yaml(cfg))
@@ -152,7 +159,7 @@ def test_a_sweep_on_the_tiny_model_fills_the_table(prefect_harness, run_config, 
     assert list(rows) == ["r1", "r4", "qlora", "full", "too-big"]
     bad = rows.pop("too-big")
     assert bad["status"] == "failed" and "PreflightError" in bad["error"] and "lower lora.r" in bad["error"]
-    filled = [k for k, _, _ in COLUMNS if k not in ("error", "forgetting_delta")]
+    filled = [k for k, _, _ in COLUMNS if k != "error"]
     for name, row in rows.items():
         assert row["status"] == "ok", row
         empty = {k for k in filled if row[k] is None}
