@@ -576,6 +576,9 @@ class SweepConfig(_Strict):
     tolerance: float = Field(0.02, ge=0.0)
     # Rank-1 collapse warning: r=1's task metric below this share of r=4's (same method and targets).
     collapse_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    # Variants whose loss on eval.forgetting_path rose by more than this (nats) over the base are not
+    # recommended, however well they score on the task; None: forgetting is reported, not judged.
+    max_forgetting: float | None = Field(None, ge=0.0)
     concurrency: PositiveInt = 1  # variants trained at once (GPU slots permitting; 1 on a CPU)
 
     @field_validator("variants")

@@ -118,7 +118,8 @@ def variant_row(
 
 def recommend(rows: list[dict[str, Any]], cfg: SweepConfig) -> dict[str, Any]:
     """The variant with the fewest trainable parameters whose quality is within ``cfg.tolerance`` of the
-    best, and the warnings the numbers call for.
+    best (among those that forget at most ``cfg.max_forgetting``, when set), and the warnings the numbers
+    call for.
 
     Quality is the task metric (higher is better, absolute tolerance) where the eval scored one, else
     the eval loss (lower is better, relative tolerance). Warnings: the rank-1 collapse (r=1's metric below
@@ -131,6 +132,22 @@ def recommend(rows: list[dict[str, Any]], cfg: SweepConfig) -> dict[str, Any]:
     if not ok:
         out["reason"] = "no variant finished"
         return out
+    if cfg.max_forgetting is not None:
+        forgot = [
+            r for r in ok if r["forgetting_delta"] is None or r["forgetting_delta"] > cfg.max_forgetting
+        ]
+        out["warnings"] += [
+            f"{r['variant']} is not recommended: its general-text loss rose by "
+            f"{'an unmeasured amount' if r['forgetting_delta'] is None else format(r['forgetting_delta'], '.3f')}"
+            f" (sweep.max_forgetting {cfg.max_forgetting:g})"
+            for r in forgot
+        ]
+        ok = [r for r in ok if r not in forgot]
+        if not ok:
+            out["reason"] = (
+                f"every finished variant forgets more than sweep.max_forgetting={cfg.max_forgetting:g}"
+            )
+            return out
     by_metric = all(r["task_metric"] is not None for r in ok)
     if not by_metric and any(r["eval_loss"] is None for r in ok):
         out["reason"] = "the variants were not evaluated (eval.enabled is false): nothing to compare"

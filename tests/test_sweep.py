@@ -97,6 +97,23 @@ def test_rank1_collapse_and_trailing_full_fine_tuning_warn():
     assert trails.startswith("the best adapter trails full fine-tuning by 0.28")
 
 
+def test_variants_that_forget_too_much_are_not_recommended():
+    rows = [
+        _row("r16", r=16, metric=0.70, trainable=1600),
+        _row("full", method="full", metric=0.82, trainable=100_000),
+    ]
+    rows[0]["forgetting_delta"], rows[1]["forgetting_delta"] = 0.4, 9.8
+    assert recommend(rows, SweepConfig())["variant"] == "full"  # reported, not judged, by default
+    rec = recommend(rows, SweepConfig(max_forgetting=1.0))
+    assert rec["variant"] == "r16"
+    assert rec["warnings"] == [
+        "full is not recommended: its general-text loss rose by 9.800 (sweep.max_forgetting 1)"
+    ]
+    assert recommend(rows, SweepConfig(max_forgetting=0.1))["reason"].startswith(
+        "every finished variant forgets"
+    )
+
+
 def test_without_a_task_metric_the_loss_decides_with_a_relative_tolerance():
     rows = [
         _row("r1", r=1, metric=None, loss=2.10, trainable=100),
