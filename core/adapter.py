@@ -221,17 +221,23 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
-    """Inject LoRA as described by ``adapter_dir`` and load its weights (strict: every key must fit).
-
-    Works on adapters written by us or by PEFT. Returns the adapter's LoraConfig.
-    """
+def read_adapter_files(adapter_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """``adapter_config.json`` as a LoraConfig and the tensors of ``adapter_model.safetensors``
+    (safetensors only, never a pickle)."""
     adapter_dir = Path(adapter_dir)
     cfg = lora_config_from_peft(read_adapter_config(adapter_dir))
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterError(f"{weights} not found; only safetensors adapters are loaded (no pickle)")
-    sd = load_file(str(weights))
+    return cfg, load_file(str(weights))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
+    """Inject LoRA as described by ``adapter_dir`` and load its weights (strict: every key must fit).
+
+    Works on adapters written by us or by PEFT. Returns the adapter's LoraConfig.
+    """
+    cfg, sd = read_adapter_files(adapter_dir)
     existing = dict(lora_modules(model))
     if not existing:
         inject_lora(model, cfg)

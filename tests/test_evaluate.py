@@ -29,21 +29,6 @@ def _trained_run(run_config, *overrides: str):
     return cfg, data.eval_dir, adapter
 
 
-def test_batched_left_padded_generation_equals_one_prompt_at_a_time(run_config):
-    cfg = run_config()
-    tok = load_tokenizer(cfg.model)
-    RunDir.create(cfg)
-    data = prepare_dataset(cfg.data, tok, cfg.run_dir / "data")
-    rows = list(load_split(data.eval_dir))[:6]
-    # Cut each prompt shorter by 3 more tokens than the last: six lengths, so a batch needs padding.
-    prompts = [list(r["input_ids"][: r["prompt_len"] - 3 * i]) for i, r in enumerate(rows)]
-    assert len({len(p) for p in prompts}) == 6 and min(len(p) for p in prompts) > 0
-    model = load_model(cfg.model).eval()
-    batched = greedy_generate(model, prompts, tok, max_new_tokens=6, batch_size=6)
-    single = [greedy_generate(model, [p], tok, max_new_tokens=6, batch_size=1)[0] for p in prompts]
-    assert batched == single
-
-
 def _six_prompts(run_config):
     """Six eval prompts of six lengths (each cut 3 tokens shorter than the last), the model, the tokenizer."""
     cfg = run_config()
@@ -53,6 +38,14 @@ def _six_prompts(run_config):
     rows = list(load_split(data.eval_dir))[:6]
     prompts = [list(r["input_ids"][: r["prompt_len"] - 3 * i]) for i, r in enumerate(rows)]
     return prompts, load_model(cfg.model).eval(), tok
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(run_config):
+    prompts, model, tok = _six_prompts(run_config)
+    assert len({len(p) for p in prompts}) == 6 and min(len(p) for p in prompts) > 0  # a batch needs padding
+    batched = greedy_generate(model, prompts, tok, max_new_tokens=6, batch_size=6)
+    single = [greedy_generate(model, [p], tok, max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single
 
 
 def test_stop_strings_cut_batched_generation_as_one_prompt_at_a_time(run_config):

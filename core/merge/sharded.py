@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from core.adapter import PREFIX, WEIGHTS_NAME, AdapterError, lora_config_from_peft, read_adapter_config
+from core.adapter import PREFIX, AdapterError, read_adapter_files
 from core.config import ModelConfig, QuantConfig
 from core.errors import DeltatuneError
 from core.lora import merged_weight, modules_to_save_names, rank_and_alpha
@@ -127,12 +126,7 @@ def read_adapter(adapter_dir: str | Path, model: nn.Module) -> Adapter:
     Raises:
         AdapterError: a missing or unexpected key, a module that is not Linear/Conv1D, a wrong shape.
     """
-    adapter_dir = Path(adapter_dir)
-    cfg = lora_config_from_peft(read_adapter_config(adapter_dir))
-    weights = adapter_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterError(f"{weights} not found; only safetensors adapters are loaded (no pickle)")
-    sd = load_file(str(weights))
+    cfg, sd = read_adapter_files(adapter_dir)
     suffix = ".lora_A.weight"
     targets = sorted(k[len(PREFIX) : -len(suffix)] for k in sd if k.startswith(PREFIX) and k.endswith(suffix))
     try:
