@@ -92,11 +92,13 @@ def work_pools(spec: dict[str, Any]) -> list[str]:
 
 
 def gpu_limits(spec: dict[str, Any]) -> dict[str, int]:
-    """The GPU-slot limits the finetune deployments use: limit name -> the most slots one run takes."""
+    """The GPU-slot limits the finetune and sweep deployments use: limit name -> the most slots one
+    training run takes (a sweep's variants are finetune runs of its config)."""
     out: dict[str, int] = {}
     for d in spec.get("deployments") or []:
         params = d.get("parameters") or {}
-        if not d.get("entrypoint", "").startswith("flows/finetune.py") or not params.get("config"):
+        training = d.get("entrypoint", "").startswith(("flows/finetune.py", "flows/sweep.py"))
+        if not training or not params.get("config"):
             continue
         cfg = load_config(str(CHECKOUT / params["config"]), params.get("overrides") or [])
         if name := cfg.train.gpu_slots_limit:

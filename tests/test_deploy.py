@@ -69,7 +69,13 @@ def test_prefect_yaml_pull_step_is_resolved_on_the_worker():
     assert spec["pull"] == [{"flows.deployments.checkout": {}}]
     assert "{{" not in json.dumps(spec)  # no template that `prefect deploy` would resolve on its machine
     names = {d["name"] for d in spec["deployments"]}
-    assert {"demo", "llama3-8b-lora", "llama3-8b-lora-nightly", "promote-production"} <= names
+    assert {
+        "demo",
+        "llama3-8b-lora",
+        "llama3-8b-lora-nightly",
+        "llama3-8b-rank-sweep",
+        "promote-production",
+    } <= names
     for d in spec["deployments"]:
         env = d["work_pool"]["job_variables"]["env"]
         assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30  # Prefect's minimum
@@ -283,6 +289,8 @@ def test_readme_deployment_steps_run_the_demo_on_a_worker(stack):
     assert have["schedule"]["timezone"] == want["timezone"] == "Europe/Berlin"
     assert nightly["parameters"]["overrides"] == ["name=llama3-8b-support-lora-nightly"]
     assert stack.get("/deployments/name/promote/promote-production")["work_pool_name"] == "cpu-local"
+    sweep = stack.get("/deployments/name/sweep/llama3-8b-rank-sweep")
+    assert sweep["work_pool_name"] == "gpu-cluster" and sweep["parameters"]["publish"] == "best"
 
     # 2. A bad parameter type is refused by the server: no flow run is created.
     before = len(stack.post("/flow_runs/filter", {"deployments": {"id": {"any_": [demo["id"]]}}}))
