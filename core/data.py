@@ -417,15 +417,20 @@ def _encode_rows(src: _Source, cfg: DataConfig, tokenizer: Any) -> tuple[list[di
         "rejected": rejected,
         "rejected_counts": {k: len(v) for k, v in rejected.items()},
         "truncated": truncated,
+        "fields": sorted(fields),  # keys seen in its rows, for the format hint of _check_file
     }
-    _check_file(src.name, cfg.format, report, fields, cfg.max_reject_fraction)
+    # A file with no usable row is never cached; the reject share is judged on every prepare (cache hit
+    # or not) from the stored report, against the run's own data.max_reject_fraction.
+    _check_file(src.name, cfg.format, report, 1.0, warn=False)
     return kept, report
 
 
-def _check_file(name: str, fmt: str, report: dict[str, Any], fields: set[str], max_reject: float) -> None:
+def _check_file(name: str, fmt: str, report: dict[str, Any], max_reject: float, *, warn: bool = True) -> None:
     """Fail a file with no usable row, or with more than ``max_reject`` of its rows rejected; warn above
-    REJECT_WARN_FRACTION. ``fields``: keys seen in its rows, to suggest the format they look like."""
+    REJECT_WARN_FRACTION. ``report``: the file's part of prepare_report.json (its ``fields``, the keys
+    seen in its rows, suggest the format they look like)."""
     total, kept, rejected = report["total"], report["kept"], report["rejected"]
+    fields = set(report.get("fields") or [])
     if total == 0:
         raise DataError(f"{name} is empty: no rows found. Format {fmt!r} expects rows with {_FIELDS[fmt]}")
     top = sorted(rejected.items(), key=lambda kv: -len(kv[1]))[:5]
@@ -448,7 +453,7 @@ def _check_file(name: str, fmt: str, report: dict[str, Any], fields: set[str], m
             f"data.max_reject_fraction={max_reject:g} allows; fix the rows, or raise data.max_reject_fraction "
             "to train on the rest"
         )
-    if total - kept > REJECT_WARN_FRACTION * total:
+    if warn and total - kept > REJECT_WARN_FRACTION * total:
         logger.warning("%s: %d of %d rows rejected (%s)", name, total - kept, total, summary)
 
 
@@ -641,6 +646,10 @@ def prepare_dataset(
     if report.get("eval_source"):
         report["eval_source"]["source"] = cfg.eval_path
     report_path = write_json(out / REPORT_NAME, report)
+    # Every prepare judges the reject share, cache hit or not (the threshold is not in the cache key).
+    _check_file(cfg.path, cfg.format, report, cfg.max_reject_fraction)
+    if report.get("eval_source"):
+        _check_file(cfg.eval_path, cfg.format, report["eval_source"], cfg.max_reject_fraction)
     logger.info(
         "prepared %s: %d train / %d eval rows, %d rejected",
         cfg.path,

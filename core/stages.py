@@ -53,7 +53,9 @@ def stage_keys(cfg: RunConfig, *, node: int = 0) -> StageKeys:
     data_fp = source_fingerprint(cfg.data, load_tokenizer(cfg.model))
     model = model_identity(cfg.model)
     code = code_version()["source_sha256"]
-    prepare = digest({"stage": "prepare", "data": data_fp, "code": code, "node": node})
+    # The reject threshold decides the verdict, not the data: in the stage's key, not the data fingerprint.
+    verdict = {"max_reject_fraction": cfg.data.max_reject_fraction}
+    prepare = digest({"stage": "prepare", "data": data_fp, "verdict": verdict, "code": code, "node": node})
     # The training trajectory without names and paths: the data enter as their content hash, the
     # base model as its identity.
     run = trajectory(cfg)

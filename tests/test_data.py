@@ -253,6 +253,28 @@ def test_mostly_bad_file_fails_unless_allowed(tmp_path, tok):
     assert prep(tmp_path, tok, path=str(f), max_reject_fraction=0.7).num_train == 1
 
 
+def test_the_reject_threshold_is_judged_on_a_cache_hit_too(tmp_path, tok, caplog):
+    """The same file passes at 0.7, then fails at 0.5 from the warm cache (it used to pass: the check ran
+    only when the cache was built), and the >10 % warning is logged on the hit as well."""
+    rows = [{"instruction": "Say hi", "output": "Hi"}] + [{"instruction": "x"}] * 2
+    f = write_jsonl(tmp_path / "half.jsonl", rows)
+    warm = prep(tmp_path, tok, path=str(f), max_reject_fraction=0.7)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="core.data"):
+        assert (
+            prep(tmp_path, tok, out="again", path=str(f), max_reject_fraction=0.7).fingerprint
+            == warm.fingerprint
+        )
+    assert json.loads((tmp_path / "again" / "prepare_report.json").read_text())["cache_hit"] is True
+    assert any("2 of 3 rows rejected" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match=r"2 of 3 rows were rejected .* data.max_reject_fraction=0.5"):
+        prep(tmp_path, tok, out="strict", path=str(f))
+    # The verdict's evidence is kept: the report of the refused prepare is in its run directory.
+    assert json.loads((tmp_path / "strict" / "prepare_report.json").read_text())["rejected_counts"] == {
+        "missing_field:output": 2
+    }
+
+
 def test_all_bad_file_raises_with_reasons_and_lines(tmp_path, tok):
     f = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a"}, {"instruction": "b"}, "{oops"])
     with pytest.raises(DataError) as e:

@@ -138,6 +138,16 @@ def test_one_byte_of_data_changed_reruns_everything(prefect_harness, run_config,
     assert versions(cfg) == ["v0001", "v0002"]
 
 
+def test_the_reject_threshold_keys_prepare_alone(run_config):
+    """A stricter data.max_reject_fraction must reach prepare's check, so it is in prepare's key (a
+    cached prepare would skip the check); the trained result stays reusable (same data fingerprint)."""
+    from core.stages import stage_keys
+
+    loose, strict = stage_keys(run_config("data.max_reject_fraction=0.9")), stage_keys(run_config())
+    assert loose.prepare != strict.prepare
+    assert (loose.data_fingerprint, loose.train) == (strict.data_fingerprint, strict.train)
+
+
 def test_refresh_reruns_every_stage(prefect_harness, run_config, tmp_path):
     cfg = run_config("name=refresh", "train.max_steps=4")
     run_flow(cfg, tmp_path)
