@@ -111,22 +111,27 @@ def _looks_like_local_path(name: str) -> bool:
     )
 
 
+def _read_uri(name: str, storage_options: dict[str, Any], field: str) -> bytes:
+    """The bytes of an fsspec URI (``s3://...``); ``field`` names the setting it came from, for messages."""
+    import fsspec
+
+    try:
+        with fsspec.open(name, "rb", **storage_options) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{name} does not exist; check {field}") from None
+    except Exception as e:  # auth, endpoint, missing filesystem package: all need the user
+        raise DataError(
+            f"could not read {name}: {type(e).__name__}: {e}. Check the URI and data.storage_options "
+            "(credentials, client_kwargs.endpoint_url)"
+        ) from None
+
+
 def _open_source(name: str, storage_options: dict[str, Any]) -> _Source:
     """Read a source into memory and hash it; hub ids are loaded through ``datasets.load_dataset``."""
     if _SCHEME.match(name):
-        import fsspec
-
         kind = _file_kind(name)
-        try:
-            with fsspec.open(name, "rb", **storage_options) as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise DataError(f"{name} does not exist; check data.path / data.eval_path") from None
-        except Exception as e:  # auth, endpoint, missing filesystem package: all need the user
-            raise DataError(
-                f"could not read {name}: {type(e).__name__}: {e}. Check the URI and data.storage_options "
-                "(credentials, client_kwargs.endpoint_url)"
-            ) from None
+        data = _read_uri(name, storage_options, "data.path / data.eval_path")
         return _Source(name, "file", kind, hashlib.sha256(data).hexdigest(), data=data)
 
     local = Path(name).expanduser()
@@ -679,13 +684,7 @@ def text_rows(
     """
     if location.lower().split("?", 1)[0].endswith(".txt"):
         if _SCHEME.match(location):
-            import fsspec
-
-            try:
-                with fsspec.open(location, "rb", **(storage_options or {})) as f:
-                    raw = f.read()
-            except Exception as e:  # noqa: BLE001 - missing, auth, endpoint: the user must act
-                raise DataError(f"could not read {location}: {type(e).__name__}: {e}") from None
+            raw = _read_uri(location, storage_options or {}, "eval.forgetting_path")
         elif Path(location).expanduser().is_file():
             raw = Path(location).expanduser().read_bytes()
         else:

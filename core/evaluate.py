@@ -50,19 +50,23 @@ def heldout_loss(model: nn.Module, rows: list[dict], pad_id: int, batch_size: in
         logits = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits  # (B, T, V)
-        shift_logits = logits[:, :-1].float()  # position t predicts token t+1
-        shift_labels = batch["labels"][:, 1:]  # (B, T-1)
-        nll += float(
-            nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-        )
-        tokens += int((shift_labels != -100).sum())
+        batch_nll, batch_tokens = next_token_nll(logits, batch["labels"])
+        nll, tokens = nll + batch_nll, tokens + batch_tokens
     loss = nll / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of each next token over the trained (label != -100) positions, and their count."""
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    nll = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return float(nll), int((shift_labels != -100).sum())
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

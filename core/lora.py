@@ -25,6 +25,11 @@ from core.targets import choose_targets, is_conv1d, matches, pattern_value
 log = logging.getLogger(__name__)
 
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """s = alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update: y = W·x + s·B·A·x.
 
@@ -59,7 +64,7 @@ class LoRALinear(nn.Module):
         self.r = r
         self.lora_alpha = float(alpha)
         self.use_rslora = use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = base_layer.weight
         if dtype is None:
@@ -79,7 +84,7 @@ class LoRALinear(nn.Module):
         self._dora_merge_norm: torch.Tensor | None = None  # ||W + s·B·A|| at merge, for an exact unmerge
         if use_dora:
             with torch.no_grad():
-                norm = self._dora_norm(self.base_weight_dense(dtype), None)  # (out,)
+                norm = torch.linalg.norm(self.base_weight_dense(dtype), dim=1)  # (out, in) -> (out,)
             self.lora_magnitude_vector = nn.Parameter(norm)
 
     def base_weight_dense(self, dtype: torch.dtype) -> torch.Tensor:
@@ -89,15 +94,9 @@ class LoRALinear(nn.Module):
             return base.dequantized_weight(dtype)
         return self._in_base_layout(base.weight).to(dtype)
 
-    def _dora_norm(self, w: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-        """||W + ΔW||_2 per output row (PEFT's get_weight_norm, dim=1 of the (out, in) weight), detached:
-        the paper's sec. 4.3 treats the norm as a constant in backward."""
-        v = w if delta is None else w + delta.to(w.dtype)  # (out, in)
-        return torch.linalg.norm(v, dim=1).detach()  # (out,)
-
     @torch.no_grad()
     def _adapted_row_norm(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """||W + s·B·A|| per output row, as ``_dora_norm(w, s·B·A)`` but without forming the (out, in) sum:
+        """||W + s·B·A|| per output row (PEFT's get_weight_norm), without forming the (out, in) sum:
         ||W_i||² + 2s·<B_i, (W·Aᵀ)_i> + s²·<B_i, (B·A·Aᵀ)_i>, from an (out, in) @ (in, r) product and
         r x r ones. Each step then reads W twice instead of writing two (out, in) temporaries; detached,
         as the norm is a constant in backward (the paper's sec. 4.3)."""

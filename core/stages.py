@@ -166,6 +166,15 @@ def snapshot(paths: list[str | os.PathLike[str] | None]) -> dict[str, list]:
     return out
 
 
+def snapshot_bytes(files: dict[str, Any] | None, root: str | os.PathLike[str] | None) -> int | None:
+    """Bytes under ``root`` per a stage's ``snapshot`` (None when the snapshot holds nothing there)."""
+    if not files or not root:
+        return None
+    prefix = str(Path(root).resolve()).rstrip("/") + "/"
+    sizes = [v[0] for p, v in files.items() if p.startswith(prefix)]
+    return sum(sizes) if sizes else None
+
+
 def intact(result: Any) -> bool:
     """Whether every file a stage result names (``result["files"]``, from ``snapshot``) is still there
     with the same content: same size, and the same sha256 unless its mtime is unchanged (re-hashing

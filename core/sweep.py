@@ -1,7 +1,7 @@
-"""The sweep's measurements: one row per variant from its run directory, the recommendation, the table
-and the pictures. flows/sweep.py runs the variants; everything here is plain functions over files.
+"""The sweep's measurements: one row per variant from its finetune result, the recommendation, the table
+and the pictures. flows/sweep.py runs the variants; everything here is plain functions.
 
-rows = [variant_row(cfg, formula) for cfg, formula in ...]      # after each variant's finetune run
+row = variant_row(name, cfg, result, result["preflight"]["trainable_formula"], measure_latency(cfg, result))
 rec = recommend(rows, cfg.sweep)                                # the smallest variant within tolerance
 write_outputs(rows, rec, out_dir)                               # sweep.csv, sweep.md, sweep.json, PNGs
 
@@ -25,6 +25,7 @@ from torch import nn
 from core.config import RunConfig, SweepConfig
 from core.fsutil import atomic_write
 from core.run import RunDir
+from core.stages import snapshot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("error", "error", "{}"),
 ]
 PICTURES = ("quality.png", "cost.png")
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def _targets(cfg: RunConfig) -> str:
@@ -100,7 +97,7 @@ def variant_row(
         wall_time_s=wall,
         tokens_per_s=summary["tokens"] / wall if wall and summary.get("tokens") else None,
         # What a version of this variant adds on disk: the adapter, or for full fine-tuning the whole model.
-        delta_mb=_dir_bytes(Path(summary["output_dir"])) / 2**20,
+        delta_mb=(snapshot_bytes(summary.get("files"), summary["output_dir"]) or 0) / 2**20,
         eval_loss=tuned.get("loss"),
         task_metric=tuned.get("task_metric", tuned.get("exact_match")),
         merge_gap=merge.get("max_logit_gap", 0.0 if cfg.method == "full" else None),
@@ -171,9 +168,9 @@ def recommend(rows: list[dict[str, Any]], cfg: SweepConfig) -> dict[str, Any]:
     )
     key = "task_metric" if by_metric else "eval_loss"
     lora = {(r["method"], r["targets"], r["r"]): r for r in ok if r["method"] != "full"}
-    for (method, targets, rank), r1 in sorted(lora.items(), key=str):
+    for (method, targets, rank), r1 in lora.items():
         r4 = lora.get((method, targets, 4))
-        if rank == 1 and r4 and by_metric and r1[key] < cfg.collapse_ratio * r4[key]:
+        if by_metric and rank == 1 and r4 and r1[key] < cfg.collapse_ratio * r4[key]:
             out["warnings"].append(
                 f"rank-1 collapse: {r1['variant']} scores {r1[key]:.3f} against {r4['variant']}'s {r4[key]:.3f} "
                 f"(eval loss {r1['eval_loss']:.4f} vs {r4['eval_loss']:.4f}): r=1 is too low a rank for this "

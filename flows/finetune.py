@@ -58,7 +58,7 @@ def finetune(
         check_store(cfg.publish.store, cfg.publish.storage_options)
     # Targets, ranks and 4-bit shapes against the model's architecture (meta device, no weights): a
     # config that does not fit fails here in seconds, before prepare and the launch (core/preflight.py).
-    preflight(cfg)
+    checked = preflight(cfg)
     keys = stage_keys(cfg, node=node)
     stage = Stages(cfg.cache, refresh=refresh, run_name=cfg.name)  # task runs named train-<run>, ...
     run_dir = str(rd.path)
@@ -71,6 +71,7 @@ def finetune(
         "keys": keys.to_dict(),
         "data": data,
         "train": trained,
+        "preflight": checked,  # what the run adapts, and the trainable count r·(d + k) implies
         "stages": stage.status,
     }
     if node != 0:

@@ -22,7 +22,8 @@ from core.config import RunConfig, SweepVariant, load_config
 from core.secretkeys import ConfigRef, Override
 from core.sweep import COLUMNS, failed_row, recommend, to_markdown, variant_row, write_outputs
 from flows.finetune import finetune
-from tasks.sweep import measure_variant
+from tasks._report import slug
+from tasks.sweep import measure_latency_task
 
 
 def variant_overrides(base: RunConfig, variant: SweepVariant, overrides: list[str]) -> list[str]:
@@ -44,8 +45,8 @@ def _run_variant(config: str | None, base: RunConfig, variant: SweepVariant, ove
             return failed_row(variant.name, cfg, f"{type(e).__name__}: {e}")
         return failed_row(variant.name, cfg, state.message or state.name)
     result = state.result()
-    measured = measure_variant(result["run_dir"], result)
-    return variant_row(variant.name, cfg, result, measured["formula"], measured["latency"])
+    latency = measure_latency_task(result["run_dir"], result)
+    return variant_row(variant.name, cfg, result, result["preflight"]["trainable_formula"], latency)
 
 
 @flow(name="sweep")
@@ -80,7 +81,7 @@ def sweep(
     for w in rec["warnings"]:
         logger.warning("sweep: %s", w)
     logger.info("sweep: recommended %s (%s); table %s", rec["variant"], rec.get("reason"), paths["markdown"])
-    key = f"sweep-{base.name}".lower().replace("_", "-").replace(".", "-")
+    key = slug(f"sweep-{base.name}")
     create_table_artifact(
         [{h: r.get(k) for k, h, _ in COLUMNS} for r in rows], key=key, description=f"sweep of {base.name}"
     )

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 from core.config import RunConfig
 from core.publish import model_name
 from core.run import PREPARE_REPORT, RunDir
+from core.stages import snapshot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,6 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-def _dir_size(files: Mapping[str, Any] | None, root: str | None) -> int | None:
-    """Bytes under ``root`` per a stage's file snapshot (core.stages.snapshot: path -> [size, ...])."""
-    if not files or not root:
-        return None
-    prefix = str(Path(root).resolve()).rstrip("/") + "/"
-    sizes = [v[0] for p, v in files.items() if p.startswith(prefix)]
-    return sum(sizes) if sizes else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,11 +175,13 @@ def summary_markdown(
             lines.append(
                 f"- adapters on {a.get('count', '–')} modules ({kinds}); targets: {a.get('rule', '–')}"
             )
-    trained_size = _dir_size(tr.get("files"), tr.get("output_dir"))
+    trained_size = snapshot_bytes(tr.get("files"), tr.get("output_dir"))
     what = "model" if cfg.method == "full" else "adapter"
     lines.append(f"- {what} on disk: {_size(trained_size)}")
     if mg:
-        lines.append(f"- merged model on disk: {_size(_dir_size(mg.get('files'), mg.get('merged_dir')))}")
+        lines.append(
+            f"- merged model on disk: {_size(snapshot_bytes(mg.get('files'), mg.get('merged_dir')))}"
+        )
     if pub:
         total = sum(f["size"] for f in pub.get("files", []))
         lines.append(f"- version: {len(pub.get('files', []))} files, {_size(total)}")

@@ -361,28 +361,6 @@ def test_a_gap_above_the_limit_fails_and_keeps_the_previous_merged_model(stage):
     assert not (fresh.run_dir / "merged").exists() and not (fresh.run_dir / "merge_report.json").exists()
 
 
-def test_extra_checks_join_the_report_or_fail_the_stage(stage):
-    make, adapter, rows = stage
-    cfg = make()
-    seen = []
-
-    def ok(model):
-        seen.append(type(model).__name__)
-        return {"task_metric_delta": 0.0}, None
-
-    report = merge(cfg, cfg.run_dir, adapter, rows, extra_checks=[ok])
-    assert report["task_metric_delta"] == 0.0 and seen == ["LlamaForCausalLM"]
-    with pytest.raises(MergeGapError, match="exact match fell by 0.5"):
-        merge(
-            make("name=x"),
-            make("name=x").run_dir,
-            adapter,
-            rows,
-            extra_checks=[lambda m: ({}, "exact match fell by 0.5")],
-        )
-    assert not (make("name=x").run_dir / "merged").exists()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Peak RSS: streaming below in-memory, each in a fresh process
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from core.dtypes import DTYPES
 from core.fsutil import writing_dir
 from core.merge.gap import (
     GAP_ROWS,
-    ExtraCheck,
     MergeGapError,
     Outputs,
     Probe,
@@ -44,7 +42,7 @@ from core.run import RunDir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GAP_ROWS", "ExtraCheck", "MergeGapError", "candidates", "choose", "merge", "merge_weights"]
+__all__ = ["GAP_ROWS", "MergeGapError", "candidates", "choose", "merge", "merge_weights"]
 
 
 def candidates(cfg: RunConfig, has_rows: bool) -> list[Base]:
@@ -130,8 +128,6 @@ def merge(
     run_dir: str | Path,
     adapter_dir: str | Path,
     eval_data: str | Path | None,
-    *,
-    extra_checks: Sequence[ExtraCheck] = (),
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into the base and save ``run_dir/merged`` (HF format), gap-checked.
 
@@ -139,12 +135,8 @@ def merge(
     adapter-on-4-bit outputs; then the adapter on each candidate base), each model freed before the next;
     then each candidate merged and reloaded alone. Nothing replaces ``merged/`` unless every check passes.
 
-    Args:
-        extra_checks: further limits on the reloaded merged model (core.merge.gap.ExtraCheck), e.g. a
-            task-metric delta; their fields join the report and their problems the MergeGapError.
-
     Raises:
-        MergeGapError: a gap over ``merge.max_logit_gap`` or ``merge.max_loss_gap``, or an extra check's.
+        MergeGapError: a gap over ``merge.max_logit_gap`` or ``merge.max_loss_gap``.
     """
     rd = RunDir(run_dir)
     mc = cfg.merge
@@ -182,9 +174,7 @@ def merge(
                 shutil.rmtree(tmp / f".candidate-{b}", ignore_errors=True)
         res = results[chosen]
         if probe is not None:
-            merged = reload(tmp, mc.dtype) if extra_checks else None
-            report |= check(res["gap"], mc, merged, extra_checks)
-            del merged
+            report |= check(res["gap"], mc)
         report |= {k: v for k, v in res.items() if k != "gap"}
         if cfg.method == "qlora":
             report |= {"base": chosen, "base_requested": mc.base}

@@ -1,5 +1,6 @@
 """The post-merge gap: a model's logits and loss on the probe rows, how far two such outputs lie apart, and
-the limits (``merge.max_logit_gap``, ``merge.max_loss_gap``, plus extra checks) that fail the stage.
+the limits (``merge.max_logit_gap``, ``merge.max_loss_gap``) that fail the stage. The task metric of the
+merged model is the evaluate stage's (``merge.max_metric_drop``, core/evaluate.py).
 
 Also the peak-RSS meter the merge report quotes (docs/merge.md).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,9 @@ from core.config import MergeConfig
 from core.data import collate
 from core.dtypes import DTYPES
 from core.errors import DeltatuneError
-from core.evaluate import heldout_loss
+from core.evaluate import next_token_nll
 
 GAP_ROWS = 16
-
-# A check beyond logits and loss (the lead's task-metric delta, core/metrics.py): called with the reloaded
-# merged model, it returns the fields to add to the gap report and a problem message, or None when within
-# its limit. Every problem of every check is reported together in one MergeGapError.
-ExtraCheck = Callable[[nn.Module], tuple[dict[str, Any], str | None]]
 
 
 class MergeGapError(DeltatuneError, RuntimeError):
@@ -43,12 +39,11 @@ class Probe:
 
     rows: list[dict]
     batch: dict[str, torch.Tensor]
-    pad_id: int
 
     @classmethod
     def of(cls, rows: list[dict], pad_id: int) -> Probe | None:
         rows = rows[:GAP_ROWS]
-        return cls(rows, collate(rows, pad_id), pad_id) if rows else None
+        return cls(rows, collate(rows, pad_id)) if rows else None
 
 
 @dataclass
@@ -61,12 +56,13 @@ class Outputs:
 
 @torch.no_grad()
 def outputs(model: nn.Module, probe: Probe) -> Outputs:
-    """``model``'s logits and held-out loss on ``probe`` (eval mode)."""
+    """``model``'s logits and held-out loss on ``probe`` (eval mode), from one forward pass."""
     model.eval()
     b = probe.batch
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
+    nll, tokens = next_token_nll(logits, b["labels"])
     logits = logits.float() * b["attention_mask"][..., None]  # padded positions compare as 0
-    return Outputs(logits, heldout_loss(model, probe.rows, probe.pad_id, GAP_ROWS)["loss"])
+    return Outputs(logits, nll / max(tokens, 1))
 
 
 def reload(merged_dir: str | Path, dtype: str):
@@ -89,14 +85,12 @@ def compare(got: Outputs, ref: Outputs, probe: Probe, *, ref_name: str = "adapte
     }
 
 
-def check(
-    gap: dict[str, Any], cfg: MergeConfig, merged: nn.Module | None, extra: Sequence[ExtraCheck] = ()
-) -> dict[str, Any]:
-    """``gap`` plus the fields of every extra check, or MergeGapError naming every limit exceeded.
+def check(gap: dict[str, Any], cfg: MergeConfig) -> dict[str, Any]:
+    """``gap``, or MergeGapError naming every limit exceeded.
 
     Raises:
-        MergeGapError: max logit gap over ``merge.max_logit_gap``, |loss gap| over ``merge.max_loss_gap``
-            (when set), or an extra check's problem.
+        MergeGapError: max logit gap over ``merge.max_logit_gap``, or |loss gap| over ``merge.max_loss_gap``
+            (when set).
     """
     problems = []
     if not gap["max_logit_gap"] <= cfg.max_logit_gap:  # NaN fails too
@@ -105,12 +99,6 @@ def check(
         )
     if cfg.max_loss_gap is not None and not abs(gap["loss_gap"]) <= cfg.max_loss_gap:
         problems.append(f"|loss gap| {abs(gap['loss_gap']):.3g} over merge.max_loss_gap={cfg.max_loss_gap:g}")
-    out = dict(gap)
-    for fn in extra:
-        fields, problem = fn(merged)
-        out.update(fields)
-        if problem:
-            problems.append(problem)
     if problems:
         raise MergeGapError(
             "the merged model does not reproduce the adapter-on-base model: "
@@ -119,7 +107,7 @@ def check(
             "A low-precision merge.dtype or non-finite adapter weights cause this; set merge.dtype: float32, "
             "or raise the limit if the gap is acceptable. Nothing was written to merged/"
         )
-    return out
+    return dict(gap)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import nn
 from core.adapter import PREFIX, AdapterError, read_adapter_files
 from core.config import ModelConfig, QuantConfig
 from core.errors import DeltatuneError
-from core.lora import merged_weight, modules_to_save_names, rank_and_alpha
+from core.lora import lora_scaling, merged_weight, modules_to_save_names, rank_and_alpha
 from core.modeling import resolve_source
 from core.targets import is_conv1d
 
@@ -163,9 +163,7 @@ def read_adapter(adapter_dir: str | Path, model: nn.Module) -> Adapter:
                 f"{name}: adapter has lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)} but the model expects "
                 f"({r}, {n_in}) and ({n_out}, {r}) at r={r}"
             )
-        # LoRALinear's s: alpha/sqrt(r) with rsLoRA, else alpha/r (core/lora.py).
-        scaling = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
-        updates[f"{name}.weight"] = Update(name, a, b, scaling, m, conv)
+        updates[f"{name}.weight"] = Update(name, a, b, lora_scaling(r, alpha, cfg.use_rslora), m, conv)
     replacements = {k[len(PREFIX) :]: v for k, v in sd.items() if k in kept}
     return Adapter(updates, replacements)
 
