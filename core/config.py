@@ -121,22 +121,105 @@ class ModelConfig(_Strict):
     storage_options: StorageOptions = Field(default_factory=dict)  # for an s3:// (fsspec) name_or_path
 
 
+DataFormat = Literal["alpaca", "completion", "text", "chat"]
+# data.fields keys: the field names each format reads (the file's names are the values).
+FORMAT_FIELD_NAMES = {
+    "alpaca": ("instruction", "input", "output", "system"),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+    "chat": ("messages", "role", "content"),
+}
+
+
+def _check_fields(fields: dict[str, str], fmt: str, where: str) -> None:
+    known = FORMAT_FIELD_NAMES[fmt]
+    wrong = sorted(set(fields) - set(known))
+    if wrong:
+        raise ValueError(
+            f"{where}fields maps {', '.join(map(repr, wrong))}, which format {fmt!r} does not read; its fields "
+            f"are {', '.join(known)} (write ours as the key and the file's as the value, e.g. "
+            "{instruction: question, output: answer})"
+        )
+
+
+class SourceConfig(_Strict):
+    """One dataset of a mixture (``data.sources``): its own location, format and field names, and how much
+    of the mixture it makes (``weight``, relative) or exactly how many of its rows are used (``rows``)."""
+
+    path: Location
+    format: DataFormat | None = None  # default: data.format
+    fields: dict[str, str] = Field(default_factory=dict)  # ours -> the file's, e.g. {output: answer}
+    weight: PositiveFloat | None = None
+    rows: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _weight_or_rows(self) -> SourceConfig:
+        if self.weight is not None and self.rows is not None:
+            raise ValueError(f"{self.path}: set weight or rows, not both")
+        return self
+
+
 class DataConfig(_Strict):
     """Where the training data lives and how it becomes token ids."""
 
     path: Location = "examples/demo/train.jsonl"
-    format: Literal["alpaca", "completion", "text", "chat"] = "alpaca"
+    format: DataFormat = "alpaca"
+    # Field names of the file when they differ from the format's: ours -> the file's, e.g.
+    # {instruction: question, output: answer}; for chat also {messages: conversations, role: from, ...}.
+    fields: dict[str, str] = Field(default_factory=dict)
+    # Several datasets mixed into one training set (instead of path): each with its own format, fields and
+    # a weight or a row count; interleaved deterministically by seed, counted per source in the report.
+    sources: list[SourceConfig] = Field(default_factory=list)
     eval_path: Location | None = None  # a separate held-out file; else eval_fraction of `path`
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     # More rejected rows than this share of a file fails prepare: it is the wrong file or format far
     # more often than a dataset to train on what is left of. 1.0 accepts any file with a usable row.
     max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
     max_seq_len: PositiveInt = 512
+    # A row longer than max_seq_len: truncate_turns keeps the longest prefix of whole turns that fits
+    # (a row with one turn is truncated at its end), truncate cuts the sequence, drop rejects the row.
+    truncation: Literal["truncate_turns", "truncate", "drop"] = "truncate_turns"
     mask_prompt: bool = True  # loss only on the response tokens (-100 on the prompt)
-    add_eos: bool = True
+    add_eos: bool = True  # EOS once, at the end of the sequence (never after each chat turn)
+    # chat: a built-in template name (chatml, llama3, ...), a Jinja string or a .jinja file; default the
+    # tokenizer's own, else a plain fallback (with a warning that says so).
+    chat_template: str | None = None
+    system_prompt: str | None = None  # prepended to rows that have none (chat, and alpaca's system field)
+    train_on_last_turn_only: bool = False  # chat: train only the last assistant turn
+    drop_duplicates: bool = False  # duplicates (exact after whitespace normalisation) are always counted
+    # A row with bytes that are not UTF-8: reject it (reason not_utf8, with its line), or decode it with
+    # U+FFFD replacement characters and keep it.
+    decode_errors: Literal["reject", "replace"] = "reject"
+    # Pack rows into sequences of up to max_seq_len (first-fit decreasing); position ids restart per row
+    # so that no token attends across rows (docs/data.md).
+    packing: bool = False
+    num_proc: PositiveInt | None = None  # tokenisation processes; None: chosen by size (never in the key)
     seed: int = 0
     cache_dir: str | None = None  # content-addressed cache of tokenized splits; default ~/.cache/deltatune
     storage_options: StorageOptions = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sources_and_fields(self) -> DataConfig:
+        if self.sources and "path" in self.model_fields_set:
+            raise ValueError("set data.path or data.sources, not both (a single source is data.path)")
+        _check_fields(self.fields, self.format, "data.")
+        for i, src in enumerate(self.sources):
+            _check_fields(src.fields, src.format or self.format, f"data.sources[{i}].")
+        kinds = {
+            ("weight" if s.weight is not None else "rows" if s.rows is not None else None)
+            for s in self.sources
+        }
+        if len(kinds) > 1:
+            raise ValueError(
+                "data.sources mixes weight, rows and neither: give every source a weight (shares of the mixture), "
+                "every source a row count, or none (all rows of each)"
+            )
+        return self
+
+    @property
+    def formats(self) -> set[str]:
+        """Every format this data section reads (several with data.sources)."""
+        return {s.format or self.format for s in self.sources} or {self.format}
 
 
 class LoraConfig(_Strict):
@@ -488,7 +571,7 @@ def _promote_problems(cfg: RunConfig) -> list[str]:
                 f"{key} compares tuned with base but eval.compare_base is false; set eval.compare_base: "
                 f"true or {key}.enabled: false"
             )
-        if gate.metric in ("exact_match", "task_metric") and cfg.data.format == "text":
+        if gate.metric in ("exact_match", "task_metric") and cfg.data.formats == {"text"}:
             problems.append(
                 f"{key}.metric is {gate.metric}, which data.format 'text' does not produce (no prompts to "
                 f"answer); set {key}.metric to loss or perplexity"
@@ -700,7 +783,7 @@ class RunConfig(_Strict):
                 f"publish.include has {', '.join(map(repr, wrong))} but method {self.method!r} produces "
                 f"{produces}; valid values are {valid}"
             )
-        if self.data.format == "text" and self.eval.enabled and self.eval.metric != DEFAULT_METRIC:
+        if self.data.formats == {"text"} and self.eval.enabled and self.eval.metric != DEFAULT_METRIC:
             problems.append(
                 f"eval.metric is {self.eval.metric!r} but data.format 'text' has no prompts or references: "
                 f"generation is skipped for text and eval scores loss and perplexity only; leave eval.metric "

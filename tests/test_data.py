@@ -6,12 +6,13 @@ import json
 import logging
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-import core.data as data_mod
+import core.data.prepare
 from core.config import DataConfig
 from core.data import (
     PROMPT_TEMPLATE_ALPACA,
@@ -307,7 +308,7 @@ def test_hub_id_offline_raises_clear_error(tmp_path, tok, monkeypatch):
     def offline(*args, **kwargs):  # what load_dataset raises with no network, without waiting for DNS
         raise ConnectionError("Couldn't reach the Hugging Face Hub")
 
-    monkeypatch.setattr(data_mod.datasets, "load_dataset", offline)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"hub dataset id.*need network access.*\.jsonl"):
         prep(tmp_path, tok, path="some-org/some-dataset")
 
@@ -401,7 +402,7 @@ def test_cache_hit_skips_tokenisation(tmp_path, tok, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("re-tokenised on a cache hit")
 
-    monkeypatch.setattr(data_mod, "_encode_rows", boom)
+    monkeypatch.setattr(core.data.prepare, "encode_rows", boom)
     same_bytes = tmp_path / "copy.jsonl"  # another name, same content: the same data
     same_bytes.write_bytes(f.read_bytes())
     second = prep(tmp_path, tok, out="run2", path=str(same_bytes), eval_fraction=0.2)
