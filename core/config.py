@@ -176,8 +176,9 @@ class DataConfig(_Strict):
     # more often than a dataset to train on what is left of. 1.0 accepts any file with a usable row.
     max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
     max_seq_len: PositiveInt = 512
-    # A row longer than max_seq_len: truncate_turns keeps the longest prefix of whole turns that fits
-    # (a row with one turn is truncated at its end), truncate cuts the sequence, drop rejects the row.
+    # A row longer than max_seq_len: truncate_turns keeps the longest prefix of whole chat turns that fits
+    # (a chat row whose first turn does not fit is rejected too_long; alpaca/completion/text rows are
+    # truncated), truncate cuts the sequence, drop rejects the row.
     truncation: Literal["truncate_turns", "truncate", "drop"] = "truncate_turns"
     mask_prompt: bool = True  # loss only on the response tokens (-100 on the prompt)
     add_eos: bool = True  # EOS once, at the end of the sequence (never after each chat turn)
@@ -191,7 +192,7 @@ class DataConfig(_Strict):
     # U+FFFD replacement characters and keep it.
     decode_errors: Literal["reject", "replace"] = "reject"
     # Pack rows into sequences of up to max_seq_len (first-fit decreasing); position ids restart per row
-    # so that no token attends across rows (docs/data.md).
+    # so that no token attends across rows (docs/packing.md).
     packing: bool = False
     num_proc: PositiveInt | None = None  # tokenisation processes; None: chosen by size (never in the key)
     seed: int = 0
@@ -919,4 +920,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    data = cfg.model_dump(mode="json")
+    if cfg.data.sources:  # path stays unset with sources: writing its default back would set both
+        data["data"].pop("path", None)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -183,13 +183,15 @@ def test_chat_fallback_template_trains_assistant_turns_only(tmp_path, tok):
     f = write_jsonl(tmp_path / "d.jsonl", [CONVERSATION, {"messages": [{"role": "user", "content": "hi"}]}])
     p = prep(tmp_path, tok, path=str(f), format="chat")
     (row,) = rows_of(p.train_dir)
-    assert _trained_text(tok, row) == "Four.</s>Six.</s>"
+    # Issue 10: each assistant turn trains what the template renders after it (the fallback's "\n"), and
+    # EOS comes once, at the end of the sequence (it was "Four.</s>Six.</s>": an EOS after every turn).
+    assert _trained_text(tok, row) == "Four.\nSix.\n</s>"
     expected_prompt = (
         "<|system|>\nBe brief.\n<|user|>\nWhat is two plus two?\n<|assistant|>\nFour.\n"
         "<|user|>\nAnd three?\n<|assistant|>\n"
     )
     assert row["prompt"] == expected_prompt and row["reference"] == "Six."
-    assert tok.decode(row["input_ids"][row["prompt_len"] :]) == "Six.</s>"
+    assert tok.decode(row["input_ids"][row["prompt_len"] :]) == "Six.\n</s>"
     report = json.loads(p.report_path.read_text())
     assert report["rejected"] == {"no_assistant_turn": [2]}
 

@@ -7,7 +7,7 @@ Modules: sources (files, URIs, hub ids), formats (rows -> trained/untrained segm
 ids and labels), prepare (the stage: checks, report, split, cache), batches (load_split, collate).
 """
 
-from core.data.batches import collate, load_split
+from core.data.batches import collate, load_split, trained_tokens
 from core.data.encode import IGNORE_INDEX, tokenizer_identity
 from core.data.errors import DataError
 from core.data.formats import PROMPT_TEMPLATE_ALPACA, PROMPT_TEMPLATE_ALPACA_NO_INPUT
@@ -27,4 +27,5 @@ __all__ = [
     "source_fingerprint",
     "text_rows",
     "tokenizer_identity",
+    "trained_tokens",
 ]
