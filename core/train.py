@@ -51,7 +51,7 @@ from torch import nn
 from core import checkpoint as ckpt
 from core.adapter import adapter_params, save_adapter
 from core.config import RunConfig
-from core.data import collate, load_split
+from core.data import collate, load_split, trained_tokens
 from core.errors import is_retryable
 from core.fsutil import atomic_write, writing_dir
 from core.lora import InjectionReport, count_parameters, inject_lora
@@ -469,7 +469,7 @@ def setup(cfg: RunConfig, run_dir: str | Path, train_data: str | Path) -> Sessio
     rows = load_split(train_data)
     # Tokens each row trains (labels after the causal shift): every rank derives a step's global
     # token count from the data order alone, without a collective.
-    row_tokens = torch.tensor([sum(t != -100 for t in labels[1:]) for labels in rows["labels"]])
+    row_tokens = trained_tokens(rows)
     total = total_steps(cfg, len(rows))
     source = resolve_source(cfg.model.name_or_path, storage_options=cfg.model.storage_options)
     tokenizer = load_tokenizer(cfg.model)
@@ -575,6 +575,7 @@ def loop(s: Session) -> None:
     ``train.log_every`` steps, a checkpoint every ``train.save_every`` (but the last)."""
     cfg, env, backend = s.cfg, s.env, s.backend
     num_rows, pad_id = len(s.rows), s.tokenizer.pad_token_id
+    flatten = _flatten_packed(s)
     bar = _progress(s.total, s.start, env)
     s.t_start = time.perf_counter()
     with s.run.metrics.open("a") if env.is_main else nullcontext() as mf:
@@ -584,11 +585,12 @@ def loop(s: Session) -> None:
             step_lr = backend.lr()  # the lr this step's update uses (the scheduler steps inside it)
             step_tokens = int(s.row_tokens[step_rows(step, num_rows, cfg)].sum())
             for idx in micro_batches(step, num_rows, cfg, env):
-                batch = collate([s.rows[i] for i in idx], pad_id)
+                rows = [s.rows[i] for i in idx]
+                batch = collate(rows, pad_id, flatten=flatten)
                 if not s.uses_deepspeed:
                     batch = {k: v.to(s.device) for k, v in batch.items()}
                 loss_sum[0] += backend.forward_backward(batch, step_tokens).double().cpu()
-                loss_sum[1] += int(batch["attention_mask"].sum())
+                loss_sum[1] += sum(len(r["input_ids"]) for r in rows)  # real tokens: padding is none
             grad_norm = backend.optimizer_step()
             stats = backend.all_reduce_sum(loss_sum.to(torch.float64))
             if not math.isfinite(float(stats[0])):
@@ -630,6 +632,17 @@ def loop(s: Session) -> None:
     bar.close()
 
 
+def _flatten_packed(s: Session) -> bool:
+    """Whether micro-batches of packed rows go in as one (1, sum of lengths) row: flash-attention-2
+    reads packed rows from position ids at batch size 1 only (``_is_packed_sequence`` in
+    transformers/modeling_flash_attention_utils.py); sdpa and eager take (B, T) packed rows
+    (``find_packed_sequence_indices`` in transformers/masking_utils.py). docs/packing.md."""
+    if "position_ids" not in s.rows.column_names:
+        return False
+    impl = getattr(s.backend.model.config, "_attn_implementation", None) or ""
+    return "flash" in impl
+
+
 def finish(s: Session) -> TrainResult:
     """The final adapter or model, ``train_summary.json``, and the step checkpoints it supersedes."""
     cfg, env, rd = s.cfg, s.env, s.run
@@ -644,7 +657,7 @@ def finish(s: Session) -> TrainResult:
         "final_loss": s.last_loss,
         "wall_time_s": round(s.seconds_before + time.perf_counter() - s.t_start, 2),  # every attempt
         "attempt_wall_time_s": round(time.perf_counter() - s.t_start, 2),
-        "tokens": s.tokens_before + s.tokens,  # processed (attention mask), over steps 1..total
+        "tokens": s.tokens_before + s.tokens,  # processed (real, not padding), over steps 1..total
         "peak_mem_mb": round(_peak_memory_mb(s.device), 1),  # this attempt's
         "trainable_params": s.trainable,
         "total_params": s.n_total,
