@@ -5,8 +5,8 @@ report["adapters"]          # the modules LoRA will adapt and the rule that chos
 
 The model comes from ``config.json`` alone (``AutoModelForCausalLM.from_config`` under
 ``torch.device("meta")``: shapes, no storage), so a target that matches nothing, a rank pattern that
-names no target or a layer 4-bit quantization cannot take fails before prepare and launch, not minutes
-into the train stage of a 7B model.
+names no target, a layer 4-bit quantization cannot take or a data.max_seq_len longer than the model's
+context fails before prepare and launch, not minutes into the train stage of a 7B model.
 """
 
 from __future__ import annotations
@@ -31,18 +31,82 @@ class PreflightError(DeltatuneError, ValueError):
     retryable = False
 
 
-def meta_model(cfg: RunConfig, source: str | None = None) -> nn.Module:
-    """The model of ``cfg.model`` with every tensor on the meta device (built from its config only)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(cfg: RunConfig, source: str | None = None) -> Any:
+    """The transformers config of ``cfg.model`` (its ``config.json``; no weights are read)."""
+    from transformers import AutoConfig
 
     from core.modeling import resolve_source
 
     src = source or resolve_source(cfg.model.name_or_path, storage_options=cfg.model.storage_options)
-    config = AutoConfig.from_pretrained(
+    return AutoConfig.from_pretrained(
         src, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
+
+
+def meta_model(cfg: RunConfig, source: str | None = None) -> nn.Module:
+    """The model of ``cfg.model`` with every tensor on the meta device (built from its config only)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(cfg, source)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
+# Where a transformers config records the positions the model was built for: max_position_embeddings
+# (Llama, Qwen2, Mistral, Gemma, Phi-3, ...) or n_positions (GPT-2 style configs, whose attribute_map only
+# aliases the first name to it). A config with neither (relative positions, e.g. T5) is not checked.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions")
+
+
+def context_length(model_config: Any) -> tuple[str, int] | None:
+    """The model's context length as ``(config.json key, value)``, or None when its config has none.
+
+    A multimodal config is read through its text config (``get_text_config()``), where the language
+    model's positions are.
+    """
+    if model_config is None:
+        return None
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    values = text.to_dict() if hasattr(text, "to_dict") else dict(vars(text))
+    for key in CONTEXT_KEYS:
+        value = values.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return None
+
+
+def context_problems(cfg: RunConfig, model_config: Any) -> list[str]:
+    """data.max_seq_len against the model's context length: one problem (with what to set) or none.
+
+    Rows longer than the positions the model was built for get positions it never saw (learned position
+    embeddings, as GPT-2's, fail outright with an index error), so it is a config error, not a warning.
+    """
+    found = context_length(model_config)
+    if found is None or cfg.data.max_seq_len <= found[1]:
+        return []
+    key, n = found
+    return [
+        f"data.max_seq_len={cfg.data.max_seq_len} is longer than the model's context length {n} "
+        f"({key} in its config.json); set data.max_seq_len to at most {n} (e.g. --set data.max_seq_len={n})"
+    ]
+
+
+def check_context(cfg: RunConfig, source: str | None = None) -> None:
+    """The context-length check alone, from ``config.json`` (``deltatune prepare`` builds no model).
+
+    Raises:
+        PreflightError: data.max_seq_len is longer than the model's context length.
+    """
+    config = model_config(cfg, source)
+    _refuse(cfg, {"model_type": getattr(config, "model_type", None)}, context_problems(cfg, config))
+
+
+def _refuse(cfg: RunConfig, report: dict[str, Any], problems: list[str]) -> None:
+    if problems:
+        raise PreflightError(
+            f"run config does not fit model {cfg.model.name_or_path} ({report['model_type']}):\n- "
+            + "\n- ".join(problems)
+        )
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
@@ -61,15 +125,16 @@ def check_model(cfg: RunConfig, model: nn.Module, *, device_type: str = "cpu") -
         PreflightError: every problem found, in one message, each with what to change in the config.
     """
     report: dict[str, Any] = {"model_type": model_type(model), "method": cfg.method}
+    problems = context_problems(cfg, getattr(model, "config", None))
     if cfg.method == "full":
         report["trainable_formula"] = sum(p.numel() for p in model.parameters())  # every weight, tied once
+        _refuse(cfg, report, problems)
         return report
-    problems: list[str] = []
     lora = cfg.lora
     try:
         sel = choose_targets(model, lora)
     except TargetError as e:
-        raise PreflightError(str(e)) from None
+        raise PreflightError("\n- ".join([str(e), *problems])) from None
     modules = {name: model.get_submodule(name) for name in sel.names}
     kinds = sel.kinds
     report["adapters"] = {
@@ -114,11 +179,7 @@ def check_model(cfg: RunConfig, model: nn.Module, *, device_type: str = "cpu") -
         from core.quant import quantization_problems
 
         problems += quantization_problems(model, cfg.quant, device_type)
-    if problems:
-        raise PreflightError(
-            f"run config does not fit model {cfg.model.name_or_path} ({report['model_type']}):\n- "
-            + "\n- ".join(problems)
-        )
+    _refuse(cfg, report, problems)
     return report
 
 

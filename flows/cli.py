@@ -49,6 +49,7 @@ examples:
   deltatune run                                        the bundled demo
   deltatune run deploy/runs/llama3-8b-lora-gpu.yaml --set lora.r=16 --set train.lr=1e-4
   deltatune show-config deploy/runs/demo.yaml          the resolved config, defaults filled in
+  deltatune prepare --show 3                           prepare the data, print 3 rows as trained
   deltatune versions tiny-llama-word-kinds             published versions and aliases
   deltatune promote tiny-llama-word-kinds v0001 --alias production
   deltatune COMMAND --help                             one command's options and examples
@@ -141,6 +142,38 @@ def _parser() -> argparse.ArgumentParser:
         ],
     )
     _config_arg(check)
+    prep = command(
+        sub,
+        "prepare",
+        "prepare the data as the run would, and show rows with the trained tokens marked",
+        "Run the prepare stage of a run config (default: the bundled demo) without training and "
+        "without a Prefect server: validate and tokenise the data into the run directory's data/ "
+        "(train/, eval/, prepare_report.json), reusing the data cache as `deltatune run` does. Output: "
+        "rows kept per split, rows rejected by reason, rows truncated, whether the cache was hit, and "
+        "the report's path; with --show N, the first N training rows decoded, the tokens the loss "
+        "trains on between ⟦ and ⟧ (coloured on a terminal), with their token counts "
+        "(docs/data.md). Exit status 2 when the config does not fit the model (e.g. data.max_seq_len "
+        "above its context length), 1 when the data is refused.",
+        [
+            "deltatune prepare --show 3",
+            "deltatune prepare my-run.yaml --set data.max_seq_len=256 --show 5",
+            "deltatune prepare my-run.yaml --show 2 --color never | less",
+        ],
+    )
+    _config_arg(prep)
+    prep.add_argument(
+        "--show",
+        type=_rows,
+        default=0,
+        metavar="N",
+        help="print the first N rows of the train split, trained tokens marked (default: 0)",
+    )
+    prep.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="mark trained tokens in colour (auto: on a terminal, unless NO_COLOR is set) or with ⟦ ⟧",
+    )
     tiny = command(
         sub,
         "make-tiny-model",
@@ -198,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deltatune: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.cmd == "prepare":
+        return _prepare(cfg, args.show, args.color)
     api = PrefectAPI.start()  # boots while the flow's code (torch, transformers, ...) is imported
     try:
         _warm_up(cfg)
@@ -224,6 +259,47 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(json.dumps(_brief(result), indent=2))
     return 0
+
+
+def _prepare(cfg, show: int, color: str) -> int:
+    """`deltatune prepare`: the prepare stage's own call (tasks/prepare.py) on the run directory, no flow."""
+    from core.data import load_split, prepare_dataset
+    from core.data.show import render_sample, summarize, use_color
+    from core.modeling import load_tokenizer
+    from core.preflight import PreflightError, check_context
+    from core.run import PREPARE_REPORT, RunDir
+
+    report = RunDir.for_config(cfg).data_dir(0) / PREPARE_REPORT
+    before = report.stat().st_mtime_ns if report.is_file() else None  # a report of an earlier prepare
+    try:
+        check_context(cfg)  # before anything is written: the run would refuse this config too
+        rd = RunDir.create(cfg)
+        cfg = rd.config()  # the resolved config, as the prepare stage reads it back
+        tokenizer = load_tokenizer(cfg.model)
+        data = prepare_dataset(cfg.data, tokenizer, rd.data_dir(0))
+    except PreflightError as e:
+        print(f"deltatune: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the log above holds the details; end on the one line that matters
+        fresh = report.is_file() and report.stat().st_mtime_ns != before
+        where = f" (report: {report})" if fresh else ""
+        print(f"deltatune: prepare failed: {type(e).__name__}: {e}{where}", file=sys.stderr)
+        return 1
+    print(summarize(json.loads(data.report_path.read_text()), data.report_path))
+    if show:
+        train = load_split(data.train_dir)
+        colored = use_color(sys.stdout, color)
+        for i in range(min(show, len(train))):
+            print(f"\n--- train row {i + 1} of {len(train)} ---")
+            print(render_sample(train[i], tokenizer, color=colored))
+    return 0
+
+
+def _rows(value: str) -> int:
+    """argparse type of --show: a number of rows, 0 or more."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"takes a number of rows, 0 or more (got {value!r})")
+    return int(value)
 
 
 def _warm_up(cfg) -> None:
